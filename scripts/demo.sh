@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Demo: builds the module and nginx, starts InfluxDB and nginx on loopback, sends the sample
+# beacons, and prints what InfluxDB stored. Everything lives in ./demo-run; stop with Ctrl-C
+# (or run with DEMO_KEEP=0 to stop right after printing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+nginx_port=${DEMO_NGINX_PORT:-8080}
+influx_port=${DEMO_INFLUX_PORT:-18086}
+influx_rpc_port=${DEMO_INFLUX_RPC_PORT:-18088}
+run="$root/demo-run"
+
+echo "==> building the module and nginx (release)"
+cargo build --release
+module="$root/target/release/libngx_http_analytics_module.so"
+nginx_bin=$(ls -t "$root"/target/release/build/nginx-sys-*/out/objs/nginx 2>/dev/null | head -n 1)
+[ -x "$nginx_bin" ] || { echo "nginx binary not found under target/release/build" >&2; exit 1; }
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+rm -rf "$run"
+mkdir -p "$run/influxdb" "$run/nginx/logs"
+
+echo "==> starting InfluxDB on 127.0.0.1:$influx_port"
+cat > "$run/influxdb/influxdb.conf" <<CONF
+reporting-disabled = true
+bind-address = "127.0.0.1:$influx_rpc_port"
+[meta]
+  dir = "$run/influxdb/meta"
+[data]
+  dir = "$run/influxdb/data"
+  wal-dir = "$run/influxdb/wal"
+  query-log-enabled = false
+[http]
+  bind-address = "127.0.0.1:$influx_port"
+  log-enabled = false
+[monitor]
+  store-enabled = false
+CONF
+influxd -config "$run/influxdb/influxdb.conf" > "$run/influxdb/influxd.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do
+    curl -fs "http://127.0.0.1:$influx_port/ping" >/dev/null && break
+    sleep 0.2
+done
+curl -fsS -XPOST "http://127.0.0.1:$influx_port/query" --data-urlencode "q=CREATE DATABASE analytics" >/dev/null
+
+echo "==> starting nginx with the module on 127.0.0.1:$nginx_port"
+sed -e "s|@MODULE@|$module|" -e "s|@NGINX_PORT@|$nginx_port|" -e "s|@INFLUX_PORT@|$influx_port|" \
+    "$root/scripts/demo-nginx.conf" > "$run/nginx/nginx.conf"
+"$nginx_bin" -p "$run/nginx/" -c "$run/nginx/nginx.conf" &
+pids+=($!)
+for _ in $(seq 1 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$nginx_port/" && break
+    sleep 0.1
+done
+
+echo "==> sending the sample beacons"
+for file in "$root"/tests/fixtures/payloads/*.json; do
+    status=$(curl -s -o "$run/answer" -w '%{http_code}' -H 'Host: www.example.com' \
+        -H 'Content-Type: text/plain;charset=UTF-8' --data-binary "@$file" \
+        "http://127.0.0.1:$nginx_port/analytics/collect")
+    printf '  %-32s -> %s %s\n' "$(basename "$file")" "$status" "$(tr -d '\n' < "$run/answer")"
+done
+
+query() {
+    curl -fsS -G "http://127.0.0.1:$influx_port/query" --data-urlencode "db=analytics" \
+        --data-urlencode "q=$1"
+    echo
+}
+echo "==> page views stored in InfluxDB (SELECT * FROM pf_analytics)"
+query 'SELECT * FROM "pf_analytics"'
+echo "==> events stored in InfluxDB (SELECT * FROM pf_analytics_event)"
+query 'SELECT * FROM "pf_analytics_event"'
+echo "==> events per name (SELECT sum(counter) FROM pf_analytics_event GROUP BY event)"
+query 'SELECT sum("counter") FROM "pf_analytics_event" GROUP BY "event"'
+
+echo
+echo "Beacon endpoint: http://127.0.0.1:$nginx_port/analytics/collect (Host: www.example.com)"
+echo "Try:  curl -H 'Host: www.example.com' --data-binary '{\"domain\":\"www.example.com\",\"page\":\"/hi\"}' http://127.0.0.1:$nginx_port/analytics/collect"
+echo "Logs: $run/nginx/logs/error.log"
+if [ "${DEMO_KEEP:-1}" = "1" ] && [ -t 0 ]; then
+    echo "Press Ctrl-C to stop nginx and InfluxDB."
+    wait
+fi

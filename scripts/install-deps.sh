@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages the build, the tests, the demo and the benchmark need.
+# Packages already present are not reinstalled; apt runs only when something is missing.
+set -euo pipefail
+
+packages=(
+    build-essential pkg-config   # cc for nginx (vendored build) and the module
+    libclang-dev                 # bindgen (nginx-sys) loads libclang
+    libpcre2-dev libssl-dev zlib1g-dev  # nginx's own dependencies
+    influxdb                     # InfluxDB 1.x: the sink in end-to-end tests and the demo
+    curl wrk                     # demo and benchmark clients
+)
+
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$package")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+    sudo="sudo"
+fi
+echo "installing: ${missing[*]}" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+
+# The influxdb package may start a system service on the default ports; the tests and the demo
+# start their own influxd on free loopback ports and do not need it.

@@ -1,0 +1,393 @@
+//! The beacon endpoint: method check, body reading, validation, and the answer.
+//!
+//! Flow, as in nginx's C content handlers: the content handler checks the method and the
+//! declared length, starts reading the body and returns `NGX_DONE`; the body handler turns the
+//! body into one line of line protocol (pure core) and either answers at once or starts the
+//! write subrequest. In `wait` mode [`resume_after_write`] answers once the write is done. Every
+//! path finalizes the request exactly once, and no panic can cross into nginx.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+
+use ngx::core::{Buffer, Status};
+use ngx::ffi::{
+    ngx_buf_t, ngx_chain_t, ngx_http_discard_request_body, ngx_http_finalize_request,
+    ngx_http_output_filter, ngx_http_read_client_request_body, ngx_http_request_t,
+    ngx_http_send_header, ngx_int_t, ngx_pcalloc, ngx_process_slot, ngx_read_file, ngx_str_t,
+    ngx_uint_t, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_POST, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+    NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_ERR, NGX_LOG_INFO,
+};
+use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
+use ngx::ngx_log_error;
+
+use crate::conf::WriteMode;
+use crate::core::beacon::parse_beacon;
+use crate::core::line_protocol::encode_point;
+use crate::core::policy::check_policy;
+use crate::core::timestamp::{unix_now_ns, UniqueClock};
+use crate::subrequest::start_write;
+use crate::HttpAnalyticsModule;
+
+/// Per-worker source of unique timestamps (see [`crate::core::timestamp`]).
+static CLOCK: UniqueClock = UniqueClock::new();
+
+/// Per-request state of the beacon endpoint, allocated from the request pool.
+#[derive(Debug, Default)]
+pub struct RequestCtx {
+    /// The write subrequest has finished (its post-subrequest handler ran).
+    pub write_finished: bool,
+    /// The write failed: the sink did not answer 2xx, or the subrequest ended in error.
+    pub write_failed: bool,
+}
+
+const NGX_OK: ngx_int_t = Status::NGX_OK.0;
+const NGX_ERROR: ngx_int_t = Status::NGX_ERROR.0;
+const NGX_DONE: ngx_int_t = Status::NGX_DONE.0;
+
+/// Status codes the endpoint answers with.
+mod status {
+    pub const NO_CONTENT: usize = 204;
+    pub const BAD_REQUEST: usize = 400;
+    pub const METHOD_NOT_ALLOWED: usize = 405;
+    pub const UNPROCESSABLE: usize = 422;
+    pub const BAD_GATEWAY: usize = 502;
+}
+
+/// Runs `f`, turning a panic into `fallback` so it never unwinds into nginx (which would abort
+/// the worker).
+pub fn no_panic<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
+}
+
+/// Content handler of a location with `analytics;`.
+pub unsafe extern "C" fn analytics_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls a content handler with a valid main request.
+    let request = unsafe { Request::from_ngx_http_request(r) };
+    no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
+        handle_request(request)
+    })
+}
+
+fn handle_request(request: &mut Request) -> ngx_int_t {
+    let Some(lcf) = HttpAnalyticsModule::location_conf(request) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    let ctx = request.pool().allocate(RequestCtx::default());
+    if ctx.is_null() {
+        return NGX_ERROR;
+    }
+    request.set_module_ctx(ctx.cast(), HttpAnalyticsModule::module());
+
+    let r: *mut ngx_http_request_t = request.into();
+    // SAFETY: `r` is the valid request nginx passed to the content handler.
+    let (method, content_length) = unsafe { ((*r).method, (*r).headers_in.content_length_n) };
+
+    if method != NGX_HTTP_POST as ngx_uint_t {
+        // SAFETY: as above; discarding is how nginx answers without reading a body.
+        let rc = unsafe { ngx_http_discard_request_body(r) };
+        if rc != NGX_OK {
+            return rc;
+        }
+        log_rejection(request, status::METHOD_NOT_ALLOWED, "method not allowed");
+        if request.add_header_out("Allow", "POST").is_none() {
+            return NGX_ERROR;
+        }
+        return send_response(
+            request,
+            status::METHOD_NOT_ALLOWED,
+            "only POST is allowed\n",
+        );
+    }
+
+    if usize::try_from(content_length).is_ok_and(|length| length > lcf.max_body_size()) {
+        log_rejection(
+            request,
+            NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as usize,
+            "body too large",
+        );
+        // SAFETY: as above; the body is drained (or the connection closed) by nginx.
+        unsafe { ngx_http_discard_request_body(r) };
+        return NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as ngx_int_t;
+    }
+
+    // SAFETY: `r` is valid; nginx calls `body_read` once the whole body is in, and keeps the
+    // request alive until then (it takes its own reference, released by our NGX_DONE).
+    let rc = unsafe { ngx_http_read_client_request_body(r, Some(body_read)) };
+    if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+        return rc;
+    }
+    NGX_DONE
+}
+
+/// Called by nginx when the request body has been read completely.
+unsafe extern "C" fn body_read(r: *mut ngx_http_request_t) {
+    // SAFETY: nginx calls the body handler with the valid request whose body it read.
+    let request = unsafe { Request::from_ngx_http_request(r) };
+    let rc = no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
+        process_beacon(request)
+    });
+    if rc != NGX_DONE {
+        // SAFETY: the body handler owns one reference to the request: finalize it once.
+        unsafe { ngx_http_finalize_request(r, rc) };
+    }
+}
+
+/// Validates the beacon and answers or starts the write. Returns the code to finalize the
+/// request with, or `NGX_DONE` when the write subrequest will finish it.
+fn process_beacon(request: &mut Request) -> ngx_int_t {
+    let Some(lcf) = HttpAnalyticsModule::location_conf(request) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    let body = match read_body(request, lcf.max_body_size()) {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => {
+            log_rejection(
+                request,
+                NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as usize,
+                "body too large",
+            );
+            return NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as ngx_int_t;
+        }
+        Err(BodyError::Io) => return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
+    };
+
+    let beacon = match parse_beacon(&body) {
+        Ok(beacon) => beacon,
+        Err(err) => {
+            let reason = err.to_string();
+            log_rejection(request, status::BAD_REQUEST, &reason);
+            return send_response(request, status::BAD_REQUEST, &format!("{reason}\n"));
+        }
+    };
+
+    let host = request_host(request);
+    if let Err(refusal) = check_policy(
+        &beacon,
+        lcf.permitted_events(),
+        lcf.accepted_domains(),
+        &host,
+    ) {
+        let reason = refusal.to_string();
+        log_rejection(request, status::UNPROCESSABLE, &reason);
+        return send_response(request, status::UNPROCESSABLE, &format!("{reason}\n"));
+    }
+
+    let Some(uri) = lcf.write_uri() else {
+        return send_response(request, status::NO_CONTENT, "");
+    };
+
+    // SAFETY: `ngx_process_slot` is written by the master before the worker starts and is only
+    // read afterwards, on this worker's single thread.
+    let slot = unsafe { ngx_process_slot };
+    let timestamp = CLOCK.stamp(unix_now_ns(), u16::try_from(slot).unwrap_or(0));
+    let mut line = Vec::with_capacity(256 + body.len());
+    encode_point(&beacon, lcf.measurements(), timestamp, &mut line);
+
+    let mode = lcf.write_mode();
+    let ctx = request_ctx_ptr(request);
+    if ctx.is_null() || start_write(request, uri, &line, mode, ctx).is_err() {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
+    match mode {
+        WriteMode::Wait => {
+            let r: *mut ngx_http_request_t = request.into();
+            // SAFETY: `r` is valid; nginx runs the parent's write handler once the waited
+            // subrequest is done, and `resume_after_write` then finalizes the request.
+            unsafe { (*r).write_event_handler = Some(resume_after_write) };
+            NGX_DONE
+        }
+        WriteMode::Background => send_response(request, status::NO_CONTENT, ""),
+    }
+}
+
+/// The parent's write handler in `wait` mode: answers once the write subrequest finished.
+unsafe extern "C" fn resume_after_write(r: *mut ngx_http_request_t) {
+    // SAFETY: nginx calls the write handler with the valid request it was set on.
+    let request = unsafe { Request::from_ngx_http_request(r) };
+    let rc = no_panic(
+        NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
+        || match request_ctx(request) {
+            Some(ctx) if !ctx.write_finished => NGX_DONE,
+            Some(ctx) if !ctx.write_failed => send_response(request, status::NO_CONTENT, ""),
+            Some(_) => send_response(request, status::BAD_GATEWAY, "analytics write failed\n"),
+            None => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
+        },
+    );
+    if rc != NGX_DONE {
+        // SAFETY: the write finished, so this is the one place that finalizes the request.
+        unsafe { ngx_http_finalize_request(r, rc) };
+    }
+}
+
+/// This module's per-request state, created by the content handler.
+fn request_ctx(request: &Request) -> Option<&mut RequestCtx> {
+    let ctx = request_ctx_ptr(request);
+    // SAFETY: the only value this module stores as its ctx is a pool-allocated `RequestCtx`
+    // that lives as long as the request; nginx runs one callback at a time.
+    unsafe { ctx.as_mut() }
+}
+
+/// Pointer to this module's per-request state (NULL before the content handler ran).
+fn request_ctx_ptr(request: &Request) -> *mut RequestCtx {
+    let r: &ngx_http_request_t = request.as_ref();
+    let index = HttpAnalyticsModule::module().ctx_index;
+    // SAFETY: `r.ctx` holds one pointer per HTTP module, `index` is this module's slot.
+    unsafe { *r.ctx.add(index) }.cast::<RequestCtx>()
+}
+
+/// The request's own host without port (`$host` minus the fallback to `server_name`).
+fn request_host(request: &Request) -> String {
+    let r: &ngx_http_request_t = request.as_ref();
+    String::from_utf8_lossy(r.headers_in.server.as_bytes()).into_owned()
+}
+
+enum BodyError {
+    TooLarge,
+    Io,
+}
+
+/// Collects the request body from memory buffers and, when nginx spilled it, the temp file.
+fn read_body(request: &Request, limit: usize) -> Result<Vec<u8>, BodyError> {
+    let r: &ngx_http_request_t = request.as_ref();
+    let mut body = Vec::new();
+    // SAFETY: the body has been read completely; `request_body` (if any) and its chain belong to
+    // the request pool and stay valid while we hold the request.
+    let mut link = match unsafe { r.request_body.as_ref() } {
+        Some(rb) => rb.bufs,
+        None => ptr::null_mut(),
+    };
+    // SAFETY: each chain link and buffer of a read body is valid (see above).
+    while let Some(cl) = unsafe { link.as_ref() } {
+        // SAFETY: as above.
+        if let Some(buf) = unsafe { cl.buf.as_ref() } {
+            append_buf(&mut body, buf, limit)?;
+        }
+        link = cl.next;
+    }
+    Ok(body)
+}
+
+fn append_buf(body: &mut Vec<u8>, buf: &ngx_buf_t, limit: usize) -> Result<(), BodyError> {
+    if buf.in_file() != 0 {
+        let start = usize::try_from(buf.file_pos).map_err(|_| BodyError::Io)?;
+        let end = usize::try_from(buf.file_last).map_err(|_| BodyError::Io)?;
+        let len = end.checked_sub(start).ok_or(BodyError::Io)?;
+        if body.len() + len > limit {
+            return Err(BodyError::TooLarge);
+        }
+        let old_len = body.len();
+        body.resize(old_len + len, 0);
+        let mut done = 0;
+        while done < len {
+            // SAFETY: `buf.file` is the open temp file nginx wrote the body to; the destination
+            // is the zeroed, owned tail of `body`, `len - done` bytes long.
+            let n = unsafe {
+                ngx_read_file(
+                    buf.file,
+                    body.as_mut_ptr().add(old_len + done),
+                    len - done,
+                    buf.file_pos + done as i64,
+                )
+            };
+            match usize::try_from(n) {
+                Ok(n) if n > 0 => done += n,
+                _ => return Err(BodyError::Io),
+            }
+        }
+        return Ok(());
+    }
+    // A chunked body ends with an empty buffer whose pointers are NULL: skip empty buffers.
+    if buf.pos.is_null() || buf.last <= buf.pos {
+        return Ok(());
+    }
+    // SAFETY: pos..last is the initialized content of an in-memory body buffer.
+    let len = unsafe { buf.last.offset_from(buf.pos) } as usize;
+    if body.len() + len > limit {
+        return Err(BodyError::TooLarge);
+    }
+    // SAFETY: as above.
+    body.extend_from_slice(unsafe { std::slice::from_raw_parts(buf.pos, len) });
+    Ok(())
+}
+
+/// Logs a refused beacon once, at `info`, with the reason (never the body).
+fn log_rejection(request: &Request, status: usize, reason: &str) {
+    ngx_log_error!(
+        NGX_LOG_INFO,
+        request.log(),
+        "analytics: beacon rejected ({status}): {reason}"
+    );
+}
+
+/// Logs a failed write at `error`.
+pub fn log_write_failure(request: &Request, uri: &str, detail: &str) {
+    ngx_log_error!(
+        NGX_LOG_ERR,
+        request.log(),
+        "analytics: write to \"{uri}\" failed: {detail}"
+    );
+}
+
+/// Sends a complete response (status, optional `text/plain` body) and returns the code to
+/// finalize the request with.
+fn send_response(request: &mut Request, status: usize, text: &str) -> ngx_int_t {
+    let r: *mut ngx_http_request_t = request.into();
+    // SAFETY: `r` is the valid main request, whose header has not been sent yet.
+    unsafe {
+        (*r).headers_out.status = status;
+        if status == status::UNPROCESSABLE {
+            // nginx has no reason phrase for 422.
+            (*r).headers_out.status_line = ngx_string_static(b"422 Unprocessable Content");
+        }
+        if text.is_empty() {
+            (*r).set_header_only(1);
+            (*r).headers_out.content_length_n = 0;
+        } else {
+            (*r).headers_out.content_type = ngx_string_static(b"text/plain");
+            (*r).headers_out.content_type_len = (*r).headers_out.content_type.len;
+            (*r).headers_out.content_length_n = text.len() as i64;
+        }
+    }
+    // SAFETY: as above.
+    let rc = unsafe { ngx_http_send_header(r) };
+    // SAFETY: as above; `header_only` is also set by nginx for HEAD requests.
+    if rc == NGX_ERROR || rc > NGX_OK || unsafe { (*r).header_only() } != 0 {
+        return rc;
+    }
+    match body_chain(request, text.as_bytes()) {
+        // SAFETY: the chain and its buffer were just allocated from the request pool.
+        Some(chain) => unsafe { ngx_http_output_filter(r, chain) },
+        None => NGX_ERROR,
+    }
+}
+
+/// A one-buffer chain holding a pool copy of `bytes`, marked as the last buffer.
+pub fn body_chain(request: &Request, bytes: &[u8]) -> Option<*mut ngx_chain_t> {
+    let pool = request.pool();
+    let mut buf = pool.create_buffer(bytes.len())?;
+    let raw = buf.as_ngx_buf_mut();
+    // SAFETY: `create_buffer` made a writable buffer of `bytes.len()` bytes at `last`.
+    unsafe {
+        ptr::copy_nonoverlapping(bytes.as_ptr(), (*raw).last, bytes.len());
+        (*raw).last = (*raw).last.add(bytes.len());
+        (*raw).set_last_buf(1);
+        (*raw).set_last_in_chain(1);
+    }
+    // SAFETY: allocating a zeroed chain link from the request pool.
+    let chain =
+        unsafe { ngx_pcalloc(pool.as_ptr(), size_of::<ngx_chain_t>()) }.cast::<ngx_chain_t>();
+    // SAFETY: `chain` is checked for NULL and points at a zeroed `ngx_chain_t`.
+    unsafe { chain.as_mut() }.map(|link| {
+        link.buf = raw;
+        link.next = ptr::null_mut();
+        chain
+    })
+}
+
+/// An `ngx_str_t` pointing at static bytes (nginx only reads header strings).
+fn ngx_string_static(bytes: &'static [u8]) -> ngx_str_t {
+    ngx_str_t {
+        len: bytes.len(),
+        data: bytes.as_ptr().cast_mut(),
+    }
+}

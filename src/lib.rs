@@ -1,0 +1,68 @@
+//! `ngx_http_analytics_module`: privacy-friendly web analytics inside nginx.
+//!
+//! A browser agent POSTs small JSON beacons (page views and named events) to a location marked
+//! with `analytics;`. The module validates each beacon, encodes it as one InfluxDB line-protocol
+//! point and writes it through a subrequest to an internal location that proxies to InfluxDB.
+//!
+//! This file only registers the module. The directives live in [`conf`], the request path in
+//! `handler`, the one raw `ngx_http_subrequest` call in `subrequest`, and everything that can be
+//! tested without nginx (payload schema, validation, line protocol, timestamps) in [`core`].
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+use std::ptr;
+
+use ngx::ffi::{ngx_http_module_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE};
+use ngx::http::{HttpModule, HttpModuleLocationConf};
+
+pub mod conf;
+pub mod core;
+mod handler;
+mod subrequest;
+
+/// Type that carries the module's nginx callbacks.
+#[derive(Debug)]
+pub struct HttpAnalyticsModule;
+
+static NGX_HTTP_ANALYTICS_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
+    preconfiguration: None,
+    postconfiguration: None,
+    create_main_conf: None,
+    init_main_conf: None,
+    create_srv_conf: None,
+    merge_srv_conf: None,
+    create_loc_conf: Some(HttpAnalyticsModule::create_loc_conf),
+    merge_loc_conf: Some(HttpAnalyticsModule::merge_loc_conf),
+};
+
+// The exported `ngx_modules` table is what lets nginx `load_module` a cdylib built outside its
+// build system. It is left out of unit-test builds, which do not link against nginx.
+#[cfg(not(test))]
+ngx::ngx_modules!(ngx_http_analytics_module);
+
+/// The nginx module definition (`ngx_http_analytics_module`).
+#[cfg_attr(not(test), used)]
+#[allow(non_upper_case_globals)]
+pub static mut ngx_http_analytics_module: ngx_module_t = ngx_module_t {
+    ctx: ptr::addr_of!(NGX_HTTP_ANALYTICS_MODULE_CTX)
+        .cast_mut()
+        .cast(),
+    // SAFETY: only the address of the command table is taken; nginx reads it at configuration
+    // time from the single configuration thread.
+    commands: unsafe { ptr::addr_of_mut!(conf::NGX_HTTP_ANALYTICS_COMMANDS[0]) },
+    type_: NGX_HTTP_MODULE as ngx_uint_t,
+    ..ngx_module_t::default()
+};
+
+impl HttpModule for HttpAnalyticsModule {
+    fn module() -> &'static ngx_module_t {
+        // SAFETY: nginx writes the module's indices while loading it, before any request or
+        // configuration callback can call this; afterwards the static is only read.
+        unsafe { &*ptr::addr_of!(ngx_http_analytics_module) }
+    }
+}
+
+// SAFETY: `create_loc_conf` allocates exactly `conf::AnalyticsLocConf` for this module.
+unsafe impl HttpModuleLocationConf for HttpAnalyticsModule {
+    type LocationConf = conf::AnalyticsLocConf;
+}

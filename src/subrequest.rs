@@ -1,0 +1,174 @@
+//! The write subrequest: the one audited place that calls raw `ngx_http_subrequest`.
+//!
+//! ngx 0.5's `Request::subrequest` always waits and gives the subrequest an empty body, so it
+//! cannot carry line protocol. Here the subrequest gets its own request body (a pool copy of the
+//! lines), method POST and a matching Content-Length; `header_only` keeps the sink's answer out
+//! of the client's response. The post-subrequest handler records the outcome in the parent's
+//! [`RequestCtx`]; it may run twice for one subrequest (an upstream error first reports 502,
+//! then 0), so it only ever moves the outcome towards "failed".
+
+use std::ffi::c_void;
+use std::ptr;
+
+use ngx::ffi::{
+    ngx_alloc_chain_link, ngx_buf_t, ngx_http_post_subrequest_t, ngx_http_request_body_t,
+    ngx_http_request_t, ngx_http_subrequest, ngx_int_t, ngx_pcalloc, ngx_pnalloc, ngx_str_t,
+    ngx_uint_t, NGX_HTTP_POST, NGX_HTTP_SUBREQUEST_BACKGROUND, NGX_HTTP_SUBREQUEST_WAITED,
+};
+use ngx::http::Request;
+
+use crate::conf::WriteMode;
+use crate::handler::{log_write_failure, no_panic, RequestCtx};
+
+static POST_METHOD_NAME: &[u8] = b"POST";
+
+/// The subrequest could not be created (allocation failure or nginx refused it).
+#[derive(Debug)]
+pub struct SubrequestError;
+
+/// Allocates `size` bytes from the request pool, zeroed, as a `T`.
+fn pool_calloc<T>(request: &Request) -> Result<*mut T, SubrequestError> {
+    // SAFETY: the request pool is valid for the request's lifetime; NULL is checked below.
+    let p = unsafe { ngx_pcalloc(request.pool().as_ptr(), size_of::<T>()) }.cast::<T>();
+    if p.is_null() {
+        Err(SubrequestError)
+    } else {
+        Ok(p)
+    }
+}
+
+/// Starts a POST subrequest to `uri` whose body is `lines`.
+///
+/// In [`WriteMode::Wait`] the parent is resumed when the subrequest is done; in
+/// [`WriteMode::Background`] it is not. Either way the outcome lands in `ctx`, which must live
+/// in the request pool (it is handed to nginx as the post-subrequest handler's data).
+pub fn start_write(
+    request: &mut Request,
+    uri: &str,
+    lines: &[u8],
+    mode: WriteMode,
+    ctx: *mut RequestCtx,
+) -> Result<(), SubrequestError> {
+    let pool = request.pool().as_ptr();
+
+    // SAFETY: allocation from the valid request pool; NULL is checked.
+    let body = unsafe { ngx_pnalloc(pool, lines.len()) }.cast::<u8>();
+    if body.is_null() {
+        return Err(SubrequestError);
+    }
+    // SAFETY: `body` has room for `lines.len()` bytes and does not overlap `lines`.
+    unsafe { ptr::copy_nonoverlapping(lines.as_ptr(), body, lines.len()) };
+
+    let buf = pool_calloc::<ngx_buf_t>(request)?;
+    // SAFETY: `buf` is a zeroed buffer from the pool; it describes the copied lines in memory.
+    unsafe {
+        (*buf).start = body;
+        (*buf).pos = body;
+        // SAFETY (pointer arithmetic): one past the end of the `lines.len()`-byte allocation.
+        (*buf).last = body.add(lines.len());
+        (*buf).end = (*buf).last;
+        (*buf).set_memory(1);
+        (*buf).set_last_buf(1);
+        (*buf).set_last_in_chain(1);
+    }
+    // SAFETY: allocation from the valid request pool; NULL is checked.
+    let chain = unsafe { ngx_alloc_chain_link(pool) };
+    if chain.is_null() {
+        return Err(SubrequestError);
+    }
+    // SAFETY: `chain` is a valid, exclusively owned link.
+    unsafe {
+        (*chain).buf = buf;
+        (*chain).next = ptr::null_mut();
+    }
+    let request_body = pool_calloc::<ngx_http_request_body_t>(request)?;
+    // SAFETY: a zeroed request body (no temp file, no rest to read) holding our chain.
+    unsafe { (*request_body).bufs = chain };
+
+    let post = pool_calloc::<ngx_http_post_subrequest_t>(request)?;
+    // SAFETY: `post` is valid; `ctx` lives in the request pool, as long as the subrequest.
+    unsafe {
+        (*post).handler = Some(write_finished);
+        (*post).data = ctx.cast::<c_void>();
+    }
+
+    // The URI string belongs to the location configuration, which outlives every request of
+    // its cycle; nginx only reads it.
+    let mut uri_str = ngx_str_t {
+        len: uri.len(),
+        data: uri.as_ptr().cast_mut(),
+    };
+    let flags = match mode {
+        WriteMode::Wait => NGX_HTTP_SUBREQUEST_WAITED,
+        WriteMode::Background => NGX_HTTP_SUBREQUEST_BACKGROUND,
+    };
+    let mut sr: *mut ngx_http_request_t = ptr::null_mut();
+    let r: *mut ngx_http_request_t = request.into();
+    // SAFETY: `r` is the valid parent request; all pointers passed are valid for its lifetime.
+    let rc = unsafe {
+        ngx_http_subrequest(
+            r,
+            &mut uri_str,
+            ptr::null_mut(),
+            &mut sr,
+            post,
+            flags as ngx_uint_t,
+        )
+    };
+    // SAFETY: on NGX_OK nginx returns the new subrequest in `sr`; NULL is checked.
+    let Some(sr) = (unsafe { sr.as_mut() }).filter(|_| rc == 0) else {
+        return Err(SubrequestError);
+    };
+
+    // The subrequest copied the parent's request line and headers: give it our body instead
+    // of the client's, and make the length and method match it.
+    sr.request_body = request_body;
+    sr.method = NGX_HTTP_POST as ngx_uint_t;
+    sr.method_name = ngx_str_t {
+        len: POST_METHOD_NAME.len(),
+        data: POST_METHOD_NAME.as_ptr().cast_mut(),
+    };
+    sr.headers_in.content_length_n = lines.len() as i64;
+    sr.headers_in.set_chunked(0);
+    sr.set_header_only(1);
+    Ok(())
+}
+
+/// Post-subrequest handler: records whether the sink accepted the write.
+unsafe extern "C" fn write_finished(
+    sr: *mut ngx_http_request_t,
+    data: *mut c_void,
+    rc: ngx_int_t,
+) -> ngx_int_t {
+    no_panic(rc, || record_outcome(sr, data, rc))
+}
+
+fn record_outcome(sr: *mut ngx_http_request_t, data: *mut c_void, rc: ngx_int_t) -> ngx_int_t {
+    // SAFETY: nginx passes the finished subrequest and the `data` set in `start_write`: the
+    // parent's pool-allocated `RequestCtx`, alive while the subrequest exists.
+    let (request, ctx) = unsafe {
+        (
+            Request::from_ngx_http_request(sr),
+            data.cast::<RequestCtx>(),
+        )
+    };
+    // SAFETY: as above.
+    let Some(ctx) = (unsafe { ctx.as_mut() }) else {
+        return rc;
+    };
+    let sr: &ngx_http_request_t = request.as_ref();
+    let sink_status = sr.headers_out.status;
+    let accepted = rc == 0 && (200..300).contains(&sink_status);
+    if !accepted && !ctx.write_failed {
+        let uri = String::from_utf8_lossy(sr.uri.as_bytes()).into_owned();
+        let detail = if sink_status != 0 {
+            format!("sink answered {sink_status}")
+        } else {
+            format!("subrequest ended with {rc}")
+        };
+        log_write_failure(request, &uri, &detail);
+        ctx.write_failed = true;
+    }
+    ctx.write_finished = true;
+    rc
+}
