@@ -70,8 +70,8 @@ for file in "$root"/tests/fixtures/payloads/*.json; do
 done
 
 query() {
-    curl -fsS -G "http://127.0.0.1:$influx_port/query" --data-urlencode "db=analytics" \
-        --data-urlencode "q=$1"
+    influx -host 127.0.0.1 -port "$influx_port" -database analytics -precision rfc3339 \
+        -execute "$1"
     echo
 }
 echo "==> page views stored in InfluxDB (SELECT * FROM pf_analytics)"

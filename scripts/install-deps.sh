@@ -7,7 +7,7 @@ packages=(
     build-essential pkg-config   # cc for nginx (vendored build) and the module
     libclang-dev                 # bindgen (nginx-sys) loads libclang
     libpcre2-dev libssl-dev zlib1g-dev  # nginx's own dependencies
-    influxdb                     # InfluxDB 1.x: the sink in end-to-end tests and the demo
+    influxdb influxdb-client     # InfluxDB 1.x: the sink in end-to-end tests and the demo
     curl wrk                     # demo and benchmark clients
 )
 

@@ -32,7 +32,7 @@ use crate::HttpAnalyticsModule;
 static CLOCK: UniqueClock = UniqueClock::new();
 
 /// Per-request state of the beacon endpoint, allocated from the request pool.
-#[derive(Debug, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct RequestCtx {
     /// The write subrequest has finished (its post-subrequest handler ran).
     pub write_finished: bool,
@@ -219,12 +219,12 @@ unsafe extern "C" fn resume_after_write(r: *mut ngx_http_request_t) {
     }
 }
 
-/// This module's per-request state, created by the content handler.
-fn request_ctx(request: &Request) -> Option<&mut RequestCtx> {
+/// A copy of this module's per-request state, created by the content handler.
+fn request_ctx(request: &Request) -> Option<RequestCtx> {
     let ctx = request_ctx_ptr(request);
     // SAFETY: the only value this module stores as its ctx is a pool-allocated `RequestCtx`
     // that lives as long as the request; nginx runs one callback at a time.
-    unsafe { ctx.as_mut() }
+    unsafe { ctx.as_ref() }.copied()
 }
 
 /// Pointer to this module's per-request state (NULL before the content handler ran).
