@@ -8,8 +8,8 @@ use std::ptr;
 
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_t, ngx_parse_size, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE,
-    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_HTTP_LIF_CONF, NGX_HTTP_LOC_CONF,
+    ngx_command_t, ngx_conf_t, ngx_http_request_t, ngx_int_t, ngx_parse_size, ngx_str_t,
+    ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF,
     NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModuleLocationConf, Merge, MergeConfigError, NgxHttpCoreModule};
@@ -50,8 +50,6 @@ pub enum WriteMode {
 /// Location configuration of the module. `None` means "not set at this level".
 #[derive(Debug, Default)]
 pub struct AnalyticsLocConf {
-    /// `analytics;` was given in this location: it is a beacon endpoint (not inherited).
-    pub endpoint: bool,
     /// `permitted_events`: lowercased event names accepted; unset = none.
     pub permitted_events: Option<Vec<String>>,
     /// `analytics_domains`: accepted beacon domains; unset = the request's own host.
@@ -142,11 +140,16 @@ const fn command(
 }
 
 /// The module's directive table (terminated by an empty command, as nginx expects).
-pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 8] = [
+pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 9] = [
     command(
         ngx_string!("analytics"),
-        NGX_HTTP_LOC_CONF | NGX_HTTP_LIF_CONF | NGX_CONF_NOARGS,
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
         cmd_analytics,
+    ),
+    command(
+        ngx_string!("analytics_agent"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        cmd_agent,
     ),
     command(
         ngx_string!("permitted_events"),
@@ -250,6 +253,7 @@ macro_rules! directive_handler {
 }
 
 directive_handler!(cmd_analytics, set_analytics);
+directive_handler!(cmd_agent, set_agent);
 directive_handler!(cmd_permitted_events, set_permitted_events);
 directive_handler!(cmd_domains, set_domains);
 directive_handler!(cmd_write, set_write);
@@ -265,15 +269,25 @@ fn duplicate<T>(value: &Option<T>) -> Result<(), String> {
 }
 
 fn set_analytics(d: &mut Directive) -> Result<(), String> {
-    if d.conf.endpoint {
-        return Err("is duplicate".to_string());
-    }
+    set_content_handler(d, crate::handler::analytics_handler)
+}
+
+/// Makes this module's `handler` the content handler of the location being parsed.
+fn set_content_handler(d: &mut Directive, handler: ContentHandler) -> Result<(), String> {
     // SAFETY: `d.cf` is the configuration context of the location being parsed.
     let clcf = NgxHttpCoreModule::location_conf_mut(unsafe { &*d.cf })
         .ok_or("has no core location configuration")?;
-    clcf.handler = Some(crate::handler::analytics_handler);
-    d.conf.endpoint = true;
+    if clcf.handler.is_some() {
+        return Err("is duplicate, or the location already has a content handler".to_string());
+    }
+    clcf.handler = Some(handler);
     Ok(())
+}
+
+type ContentHandler = unsafe extern "C" fn(*mut ngx_http_request_t) -> ngx_int_t;
+
+fn set_agent(d: &mut Directive) -> Result<(), String> {
+    set_content_handler(d, crate::agent::agent_handler)
 }
 
 fn set_permitted_events(d: &mut Directive) -> Result<(), String> {

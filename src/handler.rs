@@ -40,9 +40,9 @@ pub struct RequestCtx {
     pub write_failed: bool,
 }
 
-const NGX_OK: ngx_int_t = Status::NGX_OK.0;
-const NGX_ERROR: ngx_int_t = Status::NGX_ERROR.0;
-const NGX_DONE: ngx_int_t = Status::NGX_DONE.0;
+pub(crate) const NGX_OK: ngx_int_t = Status::NGX_OK.0;
+pub(crate) const NGX_ERROR: ngx_int_t = Status::NGX_ERROR.0;
+pub(crate) const NGX_DONE: ngx_int_t = Status::NGX_DONE.0;
 
 /// Status codes the endpoint answers with.
 mod status {
@@ -330,7 +330,7 @@ pub fn log_write_failure(request: &Request, uri: &str, detail: &str) {
 
 /// Sends a complete response (status, optional `text/plain` body) and returns the code to
 /// finalize the request with.
-fn send_response(request: &mut Request, status: usize, text: &str) -> ngx_int_t {
+pub fn send_response(request: &mut Request, status: usize, text: &str) -> ngx_int_t {
     let r: *mut ngx_http_request_t = request.into();
     // SAFETY: `r` is the valid main request, whose header has not been sent yet.
     unsafe {

@@ -15,6 +15,7 @@ use std::ptr;
 use ngx::ffi::{ngx_http_module_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE};
 use ngx::http::{HttpModule, HttpModuleLocationConf};
 
+mod agent;
 pub mod conf;
 pub mod core;
 mod handler;

@@ -703,3 +703,36 @@ fn configuration_errors_name_the_directive_file_and_line() {
         "{output}"
     );
 }
+
+#[test]
+fn the_agent_is_served_from_memory_with_an_etag_and_revalidates_with_304() {
+    let port = free_port();
+    let _nginx = Nginx::start(&format!(
+        "server {{ listen 127.0.0.1:{port}; location = /analytics/agent.js {{ analytics_agent; }} }}"
+    ));
+    let agent = std::fs::read(format!("{}/agent/analytics.js", env!("CARGO_MANIFEST_DIR")))
+        .expect("agent source");
+
+    let response = request(port, "GET", "/analytics/agent.js", "www.example.com", None);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, agent, "the agent is served byte for byte");
+    assert_eq!(response.header("content-type"), Some("application/javascript; charset=utf-8"));
+    assert_eq!(response.header("cache-control"), Some("public, max-age=3600"));
+    let etag = response.header("etag").expect("ETag").to_string();
+
+    let mut conn = Conn::open(port);
+    let revalidate = format!(
+        "GET /analytics/agent.js HTTP/1.1\r\nHost: www.example.com\r\nIf-None-Match: {etag}\r\n\r\n"
+    );
+    let not_modified = conn.request(revalidate.as_bytes());
+    assert_eq!(not_modified.status, 304);
+    assert!(not_modified.body.is_empty());
+
+    let head = request(port, "HEAD", "/analytics/agent.js", "www.example.com", None);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some(agent.len().to_string().as_str()));
+
+    let post = request(port, "POST", "/analytics/agent.js", "www.example.com", Some(b"x"));
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET, HEAD"));
+}
