@@ -9,6 +9,8 @@
 pub mod beacon;
 pub mod line_protocol;
 pub mod policy;
+#[cfg(test)]
+mod roundtrip_tests;
 pub mod timestamp;
 
 pub use beacon::{parse_beacon, referrer_host, Beacon, BeaconError, Common, Event, PageView};
