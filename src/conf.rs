@@ -15,6 +15,7 @@ use ngx::ffi::{
 use ngx::http::{HttpModuleLocationConf, Merge, MergeConfigError, NgxHttpCoreModule};
 use ngx::{ngx_conf_log_error, ngx_string};
 
+use crate::core::batch::{parse_batch_args, BatchLimits};
 use crate::core::policy::{
     push_event_names, validate_measurement_name, DomainPattern, Measurements,
 };
@@ -62,6 +63,8 @@ pub struct AnalyticsLocConf {
     pub measurements: Option<Measurements>,
     /// `analytics_max_body_size`, in bytes.
     pub max_body_size: Option<usize>,
+    /// `analytics_batch`.
+    pub batch: Option<BatchLimits>,
 }
 
 impl AnalyticsLocConf {
@@ -98,6 +101,11 @@ impl AnalyticsLocConf {
         }
     }
 
+    /// Batch limits (default: on, see [`BatchLimits::default`]).
+    pub fn batch_limits(&self) -> BatchLimits {
+        self.batch.unwrap_or_default()
+    }
+
     /// Largest accepted body in bytes.
     pub fn max_body_size(&self) -> usize {
         self.max_body_size.unwrap_or(DEFAULT_MAX_BODY_SIZE)
@@ -118,6 +126,7 @@ impl Merge for AnalyticsLocConf {
         inherit(&mut self.write_mode, &prev.write_mode);
         inherit(&mut self.measurements, &prev.measurements);
         inherit(&mut self.max_body_size, &prev.max_body_size);
+        inherit(&mut self.batch, &prev.batch);
         Ok(())
     }
 }
@@ -140,7 +149,7 @@ const fn command(
 }
 
 /// The module's directive table (terminated by an empty command, as nginx expects).
-pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 9] = [
+pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 10] = [
     command(
         ngx_string!("analytics"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
@@ -180,6 +189,11 @@ pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 9] = [
         ngx_string!("analytics_max_body_size"),
         ANY_LEVEL | NGX_CONF_TAKE1,
         cmd_max_body_size,
+    ),
+    command(
+        ngx_string!("analytics_batch"),
+        ANY_LEVEL | NGX_CONF_1MORE,
+        cmd_batch,
     ),
     ngx_command_t::empty(),
 ];
@@ -254,6 +268,7 @@ macro_rules! directive_handler {
 
 directive_handler!(cmd_analytics, set_analytics);
 directive_handler!(cmd_agent, set_agent);
+directive_handler!(cmd_batch, set_batch);
 directive_handler!(cmd_permitted_events, set_permitted_events);
 directive_handler!(cmd_domains, set_domains);
 directive_handler!(cmd_write, set_write);
@@ -285,6 +300,12 @@ fn set_content_handler(d: &mut Directive, handler: ContentHandler) -> Result<(),
 }
 
 type ContentHandler = unsafe extern "C" fn(*mut ngx_http_request_t) -> ngx_int_t;
+
+fn set_batch(d: &mut Directive) -> Result<(), String> {
+    duplicate(&d.conf.batch)?;
+    d.conf.batch = Some(parse_batch_args(&d.args)?);
+    Ok(())
+}
 
 fn set_agent(d: &mut Directive) -> Result<(), String> {
     set_content_handler(d, crate::agent::agent_handler)

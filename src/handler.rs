@@ -2,16 +2,16 @@
 //!
 //! Flow, as in nginx's C content handlers: the content handler checks the method and the
 //! declared length, starts reading the body and returns `NGX_DONE`; the body handler turns the
-//! body into one line of line protocol (pure core) and either answers at once or starts the
-//! write subrequest. In `wait` mode [`resume_after_write`] answers once the write is done. Every
-//! path finalizes the request exactly once, and no panic can cross into nginx.
+//! body into one line of line protocol (pure core) and either answers at once or hands the
+//! line to the worker's batch for its write URI ([`crate::batch`]), which answers once the write
+//! is done. Every path finalizes the request exactly once, and no panic can cross into nginx.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
 use ngx::core::{Buffer, Status};
 use ngx::ffi::{
-    ngx_buf_t, ngx_chain_t, ngx_http_discard_request_body, ngx_http_finalize_request,
+    ngx_buf_t, ngx_chain_t, ngx_event_t, ngx_http_discard_request_body, ngx_http_finalize_request,
     ngx_http_output_filter, ngx_http_read_client_request_body, ngx_http_request_t,
     ngx_http_send_header, ngx_int_t, ngx_pcalloc, ngx_process_slot, ngx_read_file, ngx_str_t,
     ngx_uint_t, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_POST, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
@@ -20,24 +20,47 @@ use ngx::ffi::{
 use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
 use ngx::ngx_log_error;
 
+use crate::batch::{self, Batch, Submitted};
 use crate::conf::WriteMode;
 use crate::core::beacon::parse_beacon;
 use crate::core::line_protocol::encode_point;
 use crate::core::policy::check_policy;
 use crate::core::timestamp::{unix_now_ns, UniqueClock};
-use crate::subrequest::start_write;
 use crate::HttpAnalyticsModule;
 
 /// Per-worker source of unique timestamps (see [`crate::core::timestamp`]).
 static CLOCK: UniqueClock = UniqueClock::new();
 
 /// Per-request state of the beacon endpoint, allocated from the request pool.
-#[derive(Clone, Copy, Debug, Default)]
 pub struct RequestCtx {
-    /// The write subrequest has finished (its post-subrequest handler ran).
+    /// The request this state belongs to (set when it joins a batch).
+    pub request: *mut ngx_http_request_t,
+    /// The batch this request waits on; NULL when none (or once the batch answered).
+    pub batch: *mut Batch,
+    /// Wakes a parked request in its own context (posted), and times a leader's batch.
+    pub wake: ngx_event_t,
+    /// The write holding this request's line has finished.
     pub write_finished: bool,
-    /// The write failed: the sink did not answer 2xx, or the subrequest ended in error.
+    /// That write did not store the line.
     pub write_failed: bool,
+    /// `background` mode leader: the code of the 204 already sent.
+    pub early_answer: Option<ngx_int_t>,
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx {
+            request: ptr::null_mut(),
+            batch: ptr::null_mut(),
+            // SAFETY: `ngx_event_t` is a C struct of integers, bit fields, pointers and
+            // optional function pointers, for which all zeroes is the valid "unused" state
+            // (nginx itself allocates events zeroed).
+            wake: unsafe { std::mem::zeroed() },
+            write_finished: false,
+            write_failed: false,
+            early_answer: None,
+        }
+    }
 }
 
 pub(crate) const NGX_OK: ngx_int_t = Status::NGX_OK.0;
@@ -184,51 +207,49 @@ fn process_beacon(request: &mut Request) -> ngx_int_t {
     encode_point(&beacon, lcf.measurements(), timestamp, &mut line);
 
     let mode = lcf.write_mode();
-    let ctx = request_ctx_ptr(request);
-    if ctx.is_null() || start_write(request, uri, &line, mode, ctx).is_err() {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-    }
-    match mode {
-        WriteMode::Wait => {
-            let r: *mut ngx_http_request_t = request.into();
-            // SAFETY: `r` is valid; nginx runs the parent's write handler once the waited
-            // subrequest is done, and `resume_after_write` then finalizes the request.
-            unsafe { (*r).write_event_handler = Some(resume_after_write) };
-            NGX_DONE
+    match batch::submit(request, uri, &line, mode, lcf.batch_limits()) {
+        Submitted::Parked => NGX_DONE,
+        Submitted::Queued => send_response(request, status::NO_CONTENT, ""),
+        Submitted::Full => {
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                request.log(),
+                "analytics: write to \"{uri}\" failed: {} writes in flight and the batch is \
+                 full, 1 point(s) not stored",
+                batch::MAX_WRITES_IN_FLIGHT
+            );
+            match mode {
+                WriteMode::Wait => send_response(request, status::BAD_GATEWAY, WRITE_FAILED),
+                WriteMode::Background => send_response(request, status::NO_CONTENT, ""),
+            }
         }
-        WriteMode::Background => send_response(request, status::NO_CONTENT, ""),
+        Submitted::Error => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
     }
 }
 
-/// The parent's write handler in `wait` mode: answers once the write subrequest finished.
-unsafe extern "C" fn resume_after_write(r: *mut ngx_http_request_t) {
-    // SAFETY: nginx calls the write handler with the valid request it was set on.
-    let request = unsafe { Request::from_ngx_http_request(r) };
-    let rc = no_panic(
-        NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
-        || match request_ctx(request) {
-            Some(ctx) if !ctx.write_finished => NGX_DONE,
-            Some(ctx) if !ctx.write_failed => send_response(request, status::NO_CONTENT, ""),
-            Some(_) => send_response(request, status::BAD_GATEWAY, "analytics write failed\n"),
-            None => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
-        },
-    );
-    if rc != NGX_DONE {
-        // SAFETY: the write finished, so this is the one place that finalizes the request.
-        unsafe { ngx_http_finalize_request(r, rc) };
-    }
-}
+const WRITE_FAILED: &str = "analytics write failed\n";
 
-/// A copy of this module's per-request state, created by the content handler.
-fn request_ctx(request: &Request) -> Option<RequestCtx> {
-    let ctx = request_ctx_ptr(request);
-    // SAFETY: the only value this module stores as its ctx is a pool-allocated `RequestCtx`
-    // that lives as long as the request; nginx runs one callback at a time.
-    unsafe { ctx.as_ref() }.copied()
+/// Answers a request whose batch was written: 204 when its line was stored, 502 when not (in
+/// `background` mode the 204 was sent already). Returns the code to finalize it with.
+pub fn answer_write_outcome(request: &mut Request) -> ngx_int_t {
+    // SAFETY: the ctx of a live request (NULL checked).
+    match unsafe { request_ctx_ptr(request).as_ref() } {
+        Some(RequestCtx {
+            early_answer: Some(rc),
+            ..
+        }) if *rc == NGX_ERROR => NGX_ERROR,
+        Some(RequestCtx {
+            early_answer: Some(_),
+            ..
+        }) => NGX_OK,
+        Some(ctx) if !ctx.write_failed => send_response(request, status::NO_CONTENT, ""),
+        Some(_) => send_response(request, status::BAD_GATEWAY, WRITE_FAILED),
+        None => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
+    }
 }
 
 /// Pointer to this module's per-request state (NULL before the content handler ran).
-fn request_ctx_ptr(request: &Request) -> *mut RequestCtx {
+pub fn request_ctx_ptr(request: &Request) -> *mut RequestCtx {
     let r: &ngx_http_request_t = request.as_ref();
     let index = HttpAnalyticsModule::module().ctx_index;
     // SAFETY: `r.ctx` holds one pointer per HTTP module, `index` is this module's slot.
@@ -316,15 +337,6 @@ fn log_rejection(request: &Request, status: usize, reason: &str) {
         NGX_LOG_INFO,
         request.log(),
         "analytics: beacon rejected ({status}): {reason}"
-    );
-}
-
-/// Logs a failed write at `error`.
-pub fn log_write_failure(request: &Request, uri: &str, detail: &str) {
-    ngx_log_error!(
-        NGX_LOG_ERR,
-        request.log(),
-        "analytics: write to \"{uri}\" failed: {detail}"
     );
 }
 

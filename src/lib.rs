@@ -16,6 +16,7 @@ use ngx::ffi::{ngx_http_module_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE};
 use ngx::http::{HttpModule, HttpModuleLocationConf};
 
 mod agent;
+mod batch;
 pub mod conf;
 pub mod core;
 mod handler;

@@ -1,26 +1,26 @@
 //! The write subrequest: the one audited place that calls raw `ngx_http_subrequest`.
 //!
-//! ngx 0.5's `Request::subrequest` always waits and gives the subrequest an empty body, so it
-//! cannot carry line protocol. Here the subrequest gets its own request body (a pool copy of the
+//! ngx 0.5's `Request::subrequest` always gives the subrequest an empty body, so it cannot
+//! carry line protocol. Here the subrequest gets its own request body (a pool copy of the
 //! lines), method POST and a matching Content-Length; `header_only` keeps the sink's answer out
-//! of the client's response. The post-subrequest handler records the outcome in the parent's
-//! [`RequestCtx`]; it may run twice for one subrequest (an upstream error first reports 502,
-//! then 0), so it only ever moves the outcome towards "failed".
+//! of the client's response. The subrequest is "waited": when it is done, nginx runs the
+//! parent's write handler. The caller's post-subrequest handler records the outcome; nginx may
+//! call it twice for one subrequest (an upstream error first reports 502, then 0).
 
 use std::ffi::c_void;
 use std::ptr;
 
 use ngx::ffi::{
-    ngx_alloc_chain_link, ngx_buf_t, ngx_http_post_subrequest_t, ngx_http_request_body_t,
-    ngx_http_request_t, ngx_http_subrequest, ngx_int_t, ngx_pcalloc, ngx_pnalloc, ngx_str_t,
-    ngx_uint_t, NGX_HTTP_POST, NGX_HTTP_SUBREQUEST_BACKGROUND, NGX_HTTP_SUBREQUEST_WAITED,
+    ngx_alloc_chain_link, ngx_buf_t, ngx_http_post_subrequest_pt, ngx_http_post_subrequest_t,
+    ngx_http_request_body_t, ngx_http_request_t, ngx_http_subrequest, ngx_pcalloc, ngx_pnalloc,
+    ngx_str_t, ngx_uint_t, NGX_HTTP_POST, NGX_HTTP_SUBREQUEST_WAITED,
 };
 use ngx::http::Request;
 
-use crate::conf::WriteMode;
-use crate::handler::{log_write_failure, no_panic, RequestCtx};
-
 static POST_METHOD_NAME: &[u8] = b"POST";
+
+/// A post-subrequest handler (`ngx_http_post_subrequest_pt`).
+pub type PostSubrequestHandler = ngx_http_post_subrequest_pt;
 
 /// The subrequest could not be created (allocation failure or nginx refused it).
 #[derive(Debug)]
@@ -37,17 +37,14 @@ fn pool_calloc<T>(request: &Request) -> Result<*mut T, SubrequestError> {
     }
 }
 
-/// Starts a POST subrequest to `uri` whose body is `lines`.
-///
-/// In [`WriteMode::Wait`] the parent is resumed when the subrequest is done; in
-/// [`WriteMode::Background`] it is not. Either way the outcome lands in `ctx`, which must live
-/// in the request pool (it is handed to nginx as the post-subrequest handler's data).
+/// Starts a waited POST subrequest to `uri` whose body is `lines`; nginx calls `on_done` with
+/// `data` when it finished, then the parent's write handler.
 pub fn start_write(
     request: &mut Request,
     uri: &str,
     lines: &[u8],
-    mode: WriteMode,
-    ctx: *mut RequestCtx,
+    on_done: PostSubrequestHandler,
+    data: *mut c_void,
 ) -> Result<(), SubrequestError> {
     let pool = request.pool().as_ptr();
 
@@ -86,10 +83,10 @@ pub fn start_write(
     unsafe { (*request_body).bufs = chain };
 
     let post = pool_calloc::<ngx_http_post_subrequest_t>(request)?;
-    // SAFETY: `post` is valid; `ctx` lives in the request pool, as long as the subrequest.
+    // SAFETY: `post` is valid; the caller keeps `data` alive until `on_done` ran.
     unsafe {
-        (*post).handler = Some(write_finished);
-        (*post).data = ctx.cast::<c_void>();
+        (*post).handler = on_done;
+        (*post).data = data;
     }
 
     // The URI string belongs to the location configuration, which outlives every request of
@@ -98,10 +95,7 @@ pub fn start_write(
         len: uri.len(),
         data: uri.as_ptr().cast_mut(),
     };
-    let flags = match mode {
-        WriteMode::Wait => NGX_HTTP_SUBREQUEST_WAITED,
-        WriteMode::Background => NGX_HTTP_SUBREQUEST_BACKGROUND,
-    };
+    let flags = NGX_HTTP_SUBREQUEST_WAITED;
     let mut sr: *mut ngx_http_request_t = ptr::null_mut();
     let r: *mut ngx_http_request_t = request.into();
     // SAFETY: `r` is the valid parent request; all pointers passed are valid for its lifetime.
@@ -132,43 +126,4 @@ pub fn start_write(
     sr.headers_in.set_chunked(0);
     sr.set_header_only(1);
     Ok(())
-}
-
-/// Post-subrequest handler: records whether the sink accepted the write.
-unsafe extern "C" fn write_finished(
-    sr: *mut ngx_http_request_t,
-    data: *mut c_void,
-    rc: ngx_int_t,
-) -> ngx_int_t {
-    no_panic(rc, || record_outcome(sr, data, rc))
-}
-
-fn record_outcome(sr: *mut ngx_http_request_t, data: *mut c_void, rc: ngx_int_t) -> ngx_int_t {
-    // SAFETY: nginx passes the finished subrequest and the `data` set in `start_write`: the
-    // parent's pool-allocated `RequestCtx`, alive while the subrequest exists.
-    let (request, ctx) = unsafe {
-        (
-            Request::from_ngx_http_request(sr),
-            data.cast::<RequestCtx>(),
-        )
-    };
-    // SAFETY: as above.
-    let Some(ctx) = (unsafe { ctx.as_mut() }) else {
-        return rc;
-    };
-    let sr: &ngx_http_request_t = request.as_ref();
-    let sink_status = sr.headers_out.status;
-    let accepted = rc == 0 && (200..300).contains(&sink_status);
-    if !accepted && !ctx.write_failed {
-        let uri = String::from_utf8_lossy(sr.uri.as_bytes()).into_owned();
-        let detail = if sink_status != 0 {
-            format!("sink answered {sink_status}")
-        } else {
-            format!("subrequest ended with {rc}")
-        };
-        log_write_failure(request, &uri, &detail);
-        ctx.write_failed = true;
-    }
-    ctx.write_finished = true;
-    rc
 }

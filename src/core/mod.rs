@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod beacon;
 pub mod line_protocol;
 pub mod policy;
