@@ -716,8 +716,14 @@ fn the_agent_is_served_from_memory_with_an_etag_and_revalidates_with_304() {
     let response = request(port, "GET", "/analytics/agent.js", "www.example.com", None);
     assert_eq!(response.status, 200);
     assert_eq!(response.body, agent, "the agent is served byte for byte");
-    assert_eq!(response.header("content-type"), Some("application/javascript; charset=utf-8"));
-    assert_eq!(response.header("cache-control"), Some("public, max-age=3600"));
+    assert_eq!(
+        response.header("content-type"),
+        Some("application/javascript; charset=utf-8")
+    );
+    assert_eq!(
+        response.header("cache-control"),
+        Some("public, max-age=3600")
+    );
     let etag = response.header("etag").expect("ETag").to_string();
 
     let mut conn = Conn::open(port);
@@ -730,9 +736,18 @@ fn the_agent_is_served_from_memory_with_an_etag_and_revalidates_with_304() {
 
     let head = request(port, "HEAD", "/analytics/agent.js", "www.example.com", None);
     assert_eq!(head.status, 200);
-    assert_eq!(head.header("content-length"), Some(agent.len().to_string().as_str()));
+    assert_eq!(
+        head.header("content-length"),
+        Some(agent.len().to_string().as_str())
+    );
 
-    let post = request(port, "POST", "/analytics/agent.js", "www.example.com", Some(b"x"));
+    let post = request(
+        port,
+        "POST",
+        "/analytics/agent.js",
+        "www.example.com",
+        Some(b"x"),
+    );
     assert_eq!(post.status, 405);
     assert_eq!(post.header("allow"), Some("GET, HEAD"));
 }
