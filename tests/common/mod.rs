@@ -15,6 +15,7 @@ pub mod client;
 pub mod influx;
 pub mod nginx;
 pub mod sink;
+pub mod webdriver;
 
 pub use client::{post, post_chunked, post_with_headers, request, Conn, Response};
 pub use influx::Influx;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::client::find_header;
+use super::client::{find_header, Conn};
 use super::IO_TIMEOUT;
 
 /// How often connection threads wake up to check whether the sink is stopping.
@@ -57,6 +57,8 @@ struct State {
     default_reply: Reply,
     queued: VecDeque<Reply>,
     delay: Duration,
+    /// `127.0.0.1:<port>` to relay requests to (see [`FakeSink::set_forward`]).
+    forward: Option<String>,
 }
 
 struct Shared {
@@ -96,6 +98,7 @@ impl FakeSink {
                 },
                 queued: VecDeque::new(),
                 delay: Duration::ZERO,
+                forward: None,
             }),
             cond: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -142,6 +145,15 @@ impl FakeSink {
             status,
             body: body.to_string(),
         });
+    }
+
+    /// Forwarding mode: with `Some("127.0.0.1:<port>")`, each request (still recorded) is relayed
+    /// there with the same method, target and body, and answered with the upstream's status and
+    /// body, unless a one-time reply queued with [`FakeSink::push_response`] is pending (that one
+    /// is answered instead and nothing is relayed). An unreachable upstream is answered with 503.
+    /// `None` turns forwarding off.
+    pub fn set_forward(&self, addr: Option<&str>) {
+        self.shared.lock().forward = addr.map(str::to_string);
     }
 
     /// Delay between receiving a request (it is recorded at once) and answering it.
@@ -392,6 +404,35 @@ fn wants_close(req: &CapturedRequest) -> bool {
     }
 }
 
+/// Sends `req` to `addr` (`127.0.0.1:<port>`) on a new connection; the upstream's answer, or 503
+/// when it cannot be reached.
+fn relay(addr: &str, req: &CapturedRequest) -> Reply {
+    let port = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("fake sink: bad forward address {addr:?}"));
+    let Ok(mut conn) = Conn::connect(port, IO_TIMEOUT) else {
+        return Reply {
+            status: 503,
+            body: format!("{{\"error\":\"fake sink: cannot reach {addr}\"}}"),
+        };
+    };
+    let mut bytes = format!(
+        "{} {} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        req.method,
+        req.target,
+        req.body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(&req.body);
+    let response = conn.request(&bytes);
+    Reply {
+        status: response.status,
+        body: response.body_text(),
+    }
+}
+
 fn serve_connection(mut stream: TcpStream, conn_id: usize, shared: &Shared) {
     if stream.set_read_timeout(Some(POLL)).is_err()
         || stream.set_write_timeout(Some(IO_TIMEOUT)).is_err()
@@ -411,15 +452,22 @@ fn serve_connection(mut stream: TcpStream, conn_id: usize, shared: &Shared) {
                 buf.drain(..used);
                 sent_continue = false;
                 let close = wants_close(&request);
-                let (reply, delay) = {
+                let (reply, delay, forward) = {
                     let mut state = shared.lock();
-                    state.requests.push(request);
+                    state.requests.push(request.clone());
                     shared.cond.notify_all();
-                    let reply = state
-                        .queued
-                        .pop_front()
-                        .unwrap_or_else(|| state.default_reply.clone());
-                    (reply, state.delay)
+                    match state.queued.pop_front() {
+                        Some(reply) => (reply, state.delay, None),
+                        None => (
+                            state.default_reply.clone(),
+                            state.delay,
+                            state.forward.clone(),
+                        ),
+                    }
+                };
+                let reply = match forward {
+                    Some(addr) => relay(&addr, &request),
+                    None => reply,
                 };
                 let deadline = Instant::now() + delay;
                 while Instant::now() < deadline {
