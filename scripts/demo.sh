@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Demo: builds the module and nginx, starts InfluxDB and nginx on loopback, sends the sample
-# beacons, and prints what InfluxDB stored. Everything lives in ./demo-run; stop with Ctrl-C
-# (or run with DEMO_KEEP=0 to stop right after printing).
+# beacons, prints what InfluxDB stored, and serves a demo page with the browser agent
+# (agent/demo/index.html). Everything lives in ./demo-run; stop with Ctrl-C (or run with
+# DEMO_KEEP=0 to stop right after printing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -53,6 +54,7 @@ curl -fsS -XPOST "http://127.0.0.1:$influx_port/query" --data-urlencode "q=CREAT
 
 echo "==> starting nginx with the module on 127.0.0.1:$nginx_port"
 sed -e "s|@MODULE@|$module|" -e "s|@NGINX_PORT@|$nginx_port|" -e "s|@INFLUX_PORT@|$influx_port|" \
+    -e "s|@AGENT_DIR@|$root/agent|" \
     "$root/scripts/demo-nginx.conf" > "$run/nginx/nginx.conf"
 "$nginx_bin" -p "$run/nginx/" -c "$run/nginx/nginx.conf" &
 pids+=($!)
@@ -81,7 +83,18 @@ query 'SELECT * FROM "pf_analytics_event"'
 echo "==> events per name (SELECT sum(counter) FROM pf_analytics_event GROUP BY event)"
 query 'SELECT sum("counter") FROM "pf_analytics_event" GROUP BY "event"'
 
+echo "==> the demo page and the browser agent"
+for path in /demo/ /analytics/agent.js; do
+    printf '  GET %-20s -> %s\n' "$path" "$(curl -s -o /dev/null \
+        -w '%{http_code} %{content_type}, %{size_download} bytes' "http://127.0.0.1:$nginx_port$path")"
+done
+
 echo
+cat <<MSG
+Demo page:       http://127.0.0.1:$nginx_port/demo/  (open it in a browser, click the buttons)
+Its points:      influx -host 127.0.0.1 -port $influx_port -database analytics -precision rfc3339 \\
+                   -execute 'SELECT * FROM pf_analytics WHERE page =~ /^\/demo\//; SELECT * FROM pf_analytics_event WHERE page =~ /^\/demo\//'
+MSG
 echo "Beacon endpoint: http://127.0.0.1:$nginx_port/analytics/collect (Host: www.example.com)"
 echo "Try:  curl -H 'Host: www.example.com' --data-binary '{\"domain\":\"www.example.com\",\"page\":\"/hi\"}' http://127.0.0.1:$nginx_port/analytics/collect"
 echo "Logs: $run/nginx/logs/error.log"
