@@ -65,6 +65,10 @@ pub struct AnalyticsLocConf {
     pub max_body_size: Option<usize>,
     /// `analytics_batch`.
     pub batch: Option<BatchLimits>,
+    /// `analytics_cors_origins`: lowercased origins (or `*`) that may POST from another origin.
+    pub cors_origins: Option<Vec<String>>,
+    /// `analytics_drop_bots`.
+    pub drop_bots: Option<bool>,
 }
 
 impl AnalyticsLocConf {
@@ -106,6 +110,20 @@ impl AnalyticsLocConf {
         self.batch.unwrap_or_default()
     }
 
+    /// Whether `origin` may send beacons from another origin (default: no origin may).
+    pub fn cors_allows(&self, origin: &str) -> bool {
+        self.cors_origins
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(origin))
+    }
+
+    /// Whether beacons from crawlers and automation are dropped (default on).
+    pub fn drop_bots(&self) -> bool {
+        self.drop_bots.unwrap_or(true)
+    }
+
     /// Largest accepted body in bytes.
     pub fn max_body_size(&self) -> usize {
         self.max_body_size.unwrap_or(DEFAULT_MAX_BODY_SIZE)
@@ -127,6 +145,8 @@ impl Merge for AnalyticsLocConf {
         inherit(&mut self.measurements, &prev.measurements);
         inherit(&mut self.max_body_size, &prev.max_body_size);
         inherit(&mut self.batch, &prev.batch);
+        inherit(&mut self.cors_origins, &prev.cors_origins);
+        inherit(&mut self.drop_bots, &prev.drop_bots);
         Ok(())
     }
 }
@@ -149,7 +169,7 @@ const fn command(
 }
 
 /// The module's directive table (terminated by an empty command, as nginx expects).
-pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 10] = [
+pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 12] = [
     command(
         ngx_string!("analytics"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
@@ -194,6 +214,16 @@ pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 10] = [
         ngx_string!("analytics_batch"),
         ANY_LEVEL | NGX_CONF_1MORE,
         cmd_batch,
+    ),
+    command(
+        ngx_string!("analytics_cors_origins"),
+        ANY_LEVEL | NGX_CONF_1MORE,
+        cmd_cors_origins,
+    ),
+    command(
+        ngx_string!("analytics_drop_bots"),
+        ANY_LEVEL | NGX_CONF_TAKE1,
+        cmd_drop_bots,
     ),
     ngx_command_t::empty(),
 ];
@@ -269,6 +299,8 @@ macro_rules! directive_handler {
 directive_handler!(cmd_analytics, set_analytics);
 directive_handler!(cmd_agent, set_agent);
 directive_handler!(cmd_batch, set_batch);
+directive_handler!(cmd_cors_origins, set_cors_origins);
+directive_handler!(cmd_drop_bots, set_drop_bots);
 directive_handler!(cmd_permitted_events, set_permitted_events);
 directive_handler!(cmd_domains, set_domains);
 directive_handler!(cmd_write, set_write);
@@ -304,6 +336,43 @@ type ContentHandler = unsafe extern "C" fn(*mut ngx_http_request_t) -> ngx_int_t
 fn set_batch(d: &mut Directive) -> Result<(), String> {
     duplicate(&d.conf.batch)?;
     d.conf.batch = Some(parse_batch_args(&d.args)?);
+    Ok(())
+}
+
+fn set_cors_origins(d: &mut Directive) -> Result<(), String> {
+    duplicate(&d.conf.cors_origins)?;
+    let mut origins = Vec::with_capacity(d.args.len());
+    for arg in &d.args {
+        let origin = arg.to_ascii_lowercase();
+        let host = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        let valid = origin == "*"
+            || host.is_some_and(|host| {
+                !host.is_empty()
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+            });
+        if !valid {
+            return Err(format!(
+                "takes origins like \"https://www.example.com\" (scheme, host, optional port) \
+                 or \"*\", not \"{arg}\""
+            ));
+        }
+        origins.push(origin);
+    }
+    d.conf.cors_origins = Some(origins);
+    Ok(())
+}
+
+fn set_drop_bots(d: &mut Directive) -> Result<(), String> {
+    duplicate(&d.conf.drop_bots)?;
+    d.conf.drop_bots = match d.args[..] {
+        ["on"] => Some(true),
+        ["off"] => Some(false),
+        _ => return Err("takes \"on\" or \"off\"".to_string()),
+    };
     Ok(())
 }
 

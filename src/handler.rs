@@ -14,8 +14,8 @@ use ngx::ffi::{
     ngx_buf_t, ngx_chain_t, ngx_event_t, ngx_http_discard_request_body, ngx_http_finalize_request,
     ngx_http_output_filter, ngx_http_read_client_request_body, ngx_http_request_t,
     ngx_http_send_header, ngx_int_t, ngx_pcalloc, ngx_process_slot, ngx_read_file, ngx_str_t,
-    ngx_uint_t, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_POST, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
-    NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_ERR, NGX_LOG_INFO,
+    ngx_uint_t, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_OPTIONS, NGX_HTTP_POST,
+    NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_ERR, NGX_LOG_INFO,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
 use ngx::ngx_log_error;
@@ -23,15 +23,17 @@ use ngx::ngx_log_error;
 use crate::batch::{self, Batch, Submitted};
 use crate::conf::WriteMode;
 use crate::core::beacon::parse_beacon;
+use crate::core::bots::is_bot;
 use crate::core::line_protocol::encode_point;
-use crate::core::policy::check_policy;
+use crate::core::policy::{check_policy, sanitize_snippet, Refusal};
 use crate::core::timestamp::{unix_now_ns, UniqueClock};
 use crate::HttpAnalyticsModule;
 
 /// Per-worker source of unique timestamps (see [`crate::core::timestamp`]).
 static CLOCK: UniqueClock = UniqueClock::new();
 
-/// Per-request state of the beacon endpoint, allocated from the request pool.
+/// Per-request state of the beacon endpoint, allocated from the request pool before the body
+/// is read (so the `$analytics_*` variables describe every request of the location).
 pub struct RequestCtx {
     /// The request this state belongs to (set when it joins a batch).
     pub request: *mut ngx_http_request_t,
@@ -45,6 +47,12 @@ pub struct RequestCtx {
     pub write_failed: bool,
     /// `background` mode leader: the code of the 204 already sent.
     pub early_answer: Option<ngx_int_t>,
+    /// `$analytics_status`: one of the [`outcome`] tokens.
+    pub outcome: &'static str,
+    /// `$analytics_reason`: why the beacon was refused (empty when it was not).
+    pub reason: String,
+    /// `$analytics_event`: the beacon's event name, lowercased (empty for page views).
+    pub event: String,
 }
 
 impl Default for RequestCtx {
@@ -59,13 +67,44 @@ impl Default for RequestCtx {
             write_finished: false,
             write_failed: false,
             early_answer: None,
+            outcome: outcome::INCOMPLETE,
+            reason: String::new(),
+            event: String::new(),
         }
     }
+}
+
+/// Values of `$analytics_status`.
+pub mod outcome {
+    /// The body never arrived completely (timeout, client gone).
+    pub const INCOMPLETE: &str = "incomplete";
+    /// Stored (wait mode), queued for writing (background mode) or validated (write off).
+    pub const ACCEPTED: &str = "accepted";
+    /// 400: not a valid beacon.
+    pub const INVALID: &str = "invalid";
+    /// 422: the event is not in `permitted_events`.
+    pub const EVENT_NOT_PERMITTED: &str = "event_not_permitted";
+    /// 422: the domain is not accepted.
+    pub const DOMAIN_NOT_ACCEPTED: &str = "domain_not_accepted";
+    /// 413.
+    pub const BODY_TOO_LARGE: &str = "body_too_large";
+    /// 405.
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// A CORS preflight that was answered.
+    pub const PREFLIGHT: &str = "preflight";
+    /// Dropped because the user agent is a crawler or automation (answered 204).
+    pub const BOT: &str = "bot";
+    /// The write failed or could not be queued.
+    pub const WRITE_FAILED: &str = "write_failed";
+    /// An internal error (allocation, I/O).
+    pub const ERROR: &str = "error";
 }
 
 pub(crate) const NGX_OK: ngx_int_t = Status::NGX_OK.0;
 pub(crate) const NGX_ERROR: ngx_int_t = Status::NGX_ERROR.0;
 pub(crate) const NGX_DONE: ngx_int_t = Status::NGX_DONE.0;
+const INTERNAL_ERROR: ngx_int_t = NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+const TOO_LARGE: ngx_int_t = NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as ngx_int_t;
 
 /// Status codes the endpoint answers with.
 mod status {
@@ -86,14 +125,12 @@ pub fn no_panic<T>(fallback: T, f: impl FnOnce() -> T) -> T {
 pub unsafe extern "C" fn analytics_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls a content handler with a valid main request.
     let request = unsafe { Request::from_ngx_http_request(r) };
-    no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
-        handle_request(request)
-    })
+    no_panic(INTERNAL_ERROR, || handle_request(request))
 }
 
 fn handle_request(request: &mut Request) -> ngx_int_t {
     let Some(lcf) = HttpAnalyticsModule::location_conf(request) else {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        return INTERNAL_ERROR;
     };
     let ctx = request.pool().allocate(RequestCtx::default());
     if ctx.is_null() {
@@ -105,32 +142,49 @@ fn handle_request(request: &mut Request) -> ngx_int_t {
     // SAFETY: `r` is the valid request nginx passed to the content handler.
     let (method, content_length) = unsafe { ((*r).method, (*r).headers_in.content_length_n) };
 
+    let cors_origin = header_in(request, "origin").filter(|origin| lcf.cors_allows(origin));
+    if let Some(origin) = &cors_origin {
+        if add_cors_headers(request, origin).is_none() {
+            return NGX_ERROR;
+        }
+    }
+
     if method != NGX_HTTP_POST as ngx_uint_t {
         // SAFETY: as above; discarding is how nginx answers without reading a body.
         let rc = unsafe { ngx_http_discard_request_body(r) };
         if rc != NGX_OK {
             return rc;
         }
-        log_rejection(request, status::METHOD_NOT_ALLOWED, "method not allowed");
+        if method == NGX_HTTP_OPTIONS as ngx_uint_t && cors_origin.is_some() {
+            record(request, outcome::PREFLIGHT, "");
+            return answer_preflight(request);
+        }
         if request.add_header_out("Allow", "POST").is_none() {
             return NGX_ERROR;
         }
-        return send_response(
+        return refuse(
             request,
             status::METHOD_NOT_ALLOWED,
-            "only POST is allowed\n",
+            outcome::METHOD_NOT_ALLOWED,
+            "only POST is allowed".to_string(),
         );
     }
 
+    if lcf.drop_bots() && header_in(request, "user-agent").is_some_and(|ua| is_bot(&ua)) {
+        // Same answer as an accepted beacon: a bot learns nothing.
+        // SAFETY: as above.
+        let rc = unsafe { ngx_http_discard_request_body(r) };
+        if rc != NGX_OK {
+            return rc;
+        }
+        record(request, outcome::BOT, "");
+        return send_response(request, status::NO_CONTENT, "");
+    }
+
     if usize::try_from(content_length).is_ok_and(|length| length > lcf.max_body_size()) {
-        log_rejection(
-            request,
-            NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as usize,
-            "body too large",
-        );
         // SAFETY: as above; the body is drained (or the connection closed) by nginx.
         unsafe { ngx_http_discard_request_body(r) };
-        return NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as ngx_int_t;
+        return refuse_too_large(request);
     }
 
     // SAFETY: `r` is valid; nginx calls `body_read` once the whole body is in, and keeps the
@@ -146,56 +200,55 @@ fn handle_request(request: &mut Request) -> ngx_int_t {
 unsafe extern "C" fn body_read(r: *mut ngx_http_request_t) {
     // SAFETY: nginx calls the body handler with the valid request whose body it read.
     let request = unsafe { Request::from_ngx_http_request(r) };
-    let rc = no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
-        process_beacon(request)
-    });
+    let rc = no_panic(INTERNAL_ERROR, || process_beacon(request));
     if rc != NGX_DONE {
         // SAFETY: the body handler owns one reference to the request: finalize it once.
         unsafe { ngx_http_finalize_request(r, rc) };
     }
 }
 
-/// Validates the beacon and answers or starts the write. Returns the code to finalize the
-/// request with, or `NGX_DONE` when the write subrequest will finish it.
+/// Validates the beacon and answers or queues its line. Returns the code to finalize the
+/// request with, or `NGX_DONE` when its batch will finish it.
 fn process_beacon(request: &mut Request) -> ngx_int_t {
     let Some(lcf) = HttpAnalyticsModule::location_conf(request) else {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        return INTERNAL_ERROR;
     };
     let body = match read_body(request, lcf.max_body_size()) {
         Ok(body) => body,
-        Err(BodyError::TooLarge) => {
-            log_rejection(
-                request,
-                NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as usize,
-                "body too large",
-            );
-            return NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as ngx_int_t;
+        Err(BodyError::TooLarge) => return refuse_too_large(request),
+        Err(BodyError::Io) => {
+            record(request, outcome::ERROR, "");
+            return INTERNAL_ERROR;
         }
-        Err(BodyError::Io) => return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
     };
 
     let beacon = match parse_beacon(&body) {
         Ok(beacon) => beacon,
         Err(err) => {
-            let reason = err.to_string();
-            log_rejection(request, status::BAD_REQUEST, &reason);
-            return send_response(request, status::BAD_REQUEST, &format!("{reason}\n"));
+            return refuse(
+                request,
+                status::BAD_REQUEST,
+                outcome::INVALID,
+                err.to_string(),
+            );
         }
     };
+    if let Some(name) = beacon.event_name() {
+        with_ctx(request, |ctx| ctx.event = sanitize_snippet(name));
+    }
 
     let host = request_host(request);
-    if let Err(refusal) = check_policy(
-        &beacon,
-        lcf.permitted_events(),
-        lcf.accepted_domains(),
-        &host,
-    ) {
-        let reason = refusal.to_string();
-        log_rejection(request, status::UNPROCESSABLE, &reason);
-        return send_response(request, status::UNPROCESSABLE, &format!("{reason}\n"));
+    let permitted = lcf.permitted_events();
+    if let Err(refusal) = check_policy(&beacon, permitted, lcf.accepted_domains(), &host) {
+        let token = match refusal {
+            Refusal::EventNotPermitted(_) => outcome::EVENT_NOT_PERMITTED,
+            Refusal::DomainNotAccepted(_) => outcome::DOMAIN_NOT_ACCEPTED,
+        };
+        return refuse(request, status::UNPROCESSABLE, token, refusal.to_string());
     }
 
     let Some(uri) = lcf.write_uri() else {
+        record(request, outcome::ACCEPTED, "");
         return send_response(request, status::NO_CONTENT, "");
     };
 
@@ -209,7 +262,10 @@ fn process_beacon(request: &mut Request) -> ngx_int_t {
     let mode = lcf.write_mode();
     match batch::submit(request, uri, &line, mode, lcf.batch_limits()) {
         Submitted::Parked => NGX_DONE,
-        Submitted::Queued => send_response(request, status::NO_CONTENT, ""),
+        Submitted::Queued => {
+            record(request, outcome::ACCEPTED, "");
+            send_response(request, status::NO_CONTENT, "")
+        }
         Submitted::Full => {
             ngx_log_error!(
                 NGX_LOG_ERR,
@@ -218,12 +274,16 @@ fn process_beacon(request: &mut Request) -> ngx_int_t {
                  full, 1 point(s) not stored",
                 batch::MAX_WRITES_IN_FLIGHT
             );
+            record(request, outcome::WRITE_FAILED, "");
             match mode {
                 WriteMode::Wait => send_response(request, status::BAD_GATEWAY, WRITE_FAILED),
                 WriteMode::Background => send_response(request, status::NO_CONTENT, ""),
             }
         }
-        Submitted::Error => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
+        Submitted::Error => {
+            record(request, outcome::ERROR, "");
+            INTERNAL_ERROR
+        }
     }
 }
 
@@ -232,20 +292,90 @@ const WRITE_FAILED: &str = "analytics write failed\n";
 /// Answers a request whose batch was written: 204 when its line was stored, 502 when not (in
 /// `background` mode the 204 was sent already). Returns the code to finalize it with.
 pub fn answer_write_outcome(request: &mut Request) -> ngx_int_t {
-    // SAFETY: the ctx of a live request (NULL checked).
-    match unsafe { request_ctx_ptr(request).as_ref() } {
-        Some(RequestCtx {
-            early_answer: Some(rc),
-            ..
-        }) if *rc == NGX_ERROR => NGX_ERROR,
-        Some(RequestCtx {
-            early_answer: Some(_),
-            ..
-        }) => NGX_OK,
-        Some(ctx) if !ctx.write_failed => send_response(request, status::NO_CONTENT, ""),
-        Some(_) => send_response(request, status::BAD_GATEWAY, WRITE_FAILED),
-        None => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
+    let Some((failed, early_answer)) = with_ctx(request, |ctx| {
+        ctx.outcome = match ctx.write_failed {
+            true => outcome::WRITE_FAILED,
+            false => outcome::ACCEPTED,
+        };
+        (ctx.write_failed, ctx.early_answer)
+    }) else {
+        return INTERNAL_ERROR;
+    };
+    match early_answer {
+        Some(NGX_ERROR) => NGX_ERROR,
+        Some(_) => NGX_OK,
+        None if failed => send_response(request, status::BAD_GATEWAY, WRITE_FAILED),
+        None => send_response(request, status::NO_CONTENT, ""),
     }
+}
+
+/// Records the outcome (and reason) of the request for `$analytics_status` / `_reason`.
+fn record(request: &Request, token: &'static str, reason: &str) {
+    with_ctx(request, |ctx| {
+        ctx.outcome = token;
+        ctx.reason = reason.to_string();
+    });
+}
+
+/// Refuses a beacon: records and logs the reason once at `info` (never the body) and answers
+/// `status` with the reason as text.
+fn refuse(request: &mut Request, status: usize, token: &'static str, reason: String) -> ngx_int_t {
+    ngx_log_error!(
+        NGX_LOG_INFO,
+        request.log(),
+        "analytics: beacon rejected ({status}): {reason}"
+    );
+    record(request, token, &reason);
+    send_response(request, status, &format!("{reason}\n"))
+}
+
+/// Refuses a body over `analytics_max_body_size` with nginx's own 413 (which also closes the
+/// connection rather than reading the rest).
+fn refuse_too_large(request: &mut Request) -> ngx_int_t {
+    let reason = "body larger than analytics_max_body_size";
+    ngx_log_error!(
+        NGX_LOG_INFO,
+        request.log(),
+        "analytics: beacon rejected (413): {reason}"
+    );
+    record(request, outcome::BODY_TOO_LARGE, reason);
+    TOO_LARGE
+}
+
+/// The value of request header `name` (lowercase), if present and valid UTF-8.
+fn header_in(request: &Request, name: &str) -> Option<String> {
+    request
+        .headers_in_iterator()
+        .find(|(key, _)| key.as_bytes().eq_ignore_ascii_case(name.as_bytes()))
+        .and_then(|(_, value)| value.to_str().ok().map(str::to_string))
+}
+
+/// Adds the CORS answer headers for an allowed `origin`.
+fn add_cors_headers(request: &mut Request, origin: &str) -> Option<()> {
+    request.add_header_out("Access-Control-Allow-Origin", origin)?;
+    request.add_header_out("Vary", "Origin")
+}
+
+/// Answers an allowed CORS preflight.
+fn answer_preflight(request: &mut Request) -> ngx_int_t {
+    let headers = [
+        ("Access-Control-Allow-Methods", "POST"),
+        ("Access-Control-Allow-Headers", "Content-Type"),
+        ("Access-Control-Max-Age", "86400"),
+    ];
+    for (name, value) in headers {
+        if request.add_header_out(name, value).is_none() {
+            return NGX_ERROR;
+        }
+    }
+    send_response(request, status::NO_CONTENT, "")
+}
+
+/// Runs `f` on this module's per-request state, if the content handler created it.
+fn with_ctx<T>(request: &Request, f: impl FnOnce(&mut RequestCtx) -> T) -> Option<T> {
+    // SAFETY: NULL or the pool-allocated ctx of this live request; nginx runs one handler at a
+    // time on the worker's thread, and the reference does not outlive `f`.
+    unsafe { request_ctx_ptr(request).as_mut() }.map(f)
 }
 
 /// Pointer to this module's per-request state (NULL before the content handler ran).
@@ -329,15 +459,6 @@ fn append_buf(body: &mut Vec<u8>, buf: &ngx_buf_t, limit: usize) -> Result<(), B
     // SAFETY: as above.
     body.extend_from_slice(unsafe { std::slice::from_raw_parts(buf.pos, len) });
     Ok(())
-}
-
-/// Logs a refused beacon once, at `info`, with the reason (never the body).
-fn log_rejection(request: &Request, status: usize, reason: &str) {
-    ngx_log_error!(
-        NGX_LOG_INFO,
-        request.log(),
-        "analytics: beacon rejected ({status}): {reason}"
-    );
 }
 
 /// Sends a complete response (status, optional `text/plain` body) and returns the code to

@@ -12,7 +12,9 @@
 
 use std::ptr;
 
-use ngx::ffi::{ngx_http_module_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE};
+use ngx::ffi::{
+    ngx_conf_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
+};
 use ngx::http::{HttpModule, HttpModuleLocationConf};
 
 mod agent;
@@ -21,13 +23,14 @@ pub mod conf;
 pub mod core;
 mod handler;
 mod subrequest;
+mod variables;
 
 /// Type that carries the module's nginx callbacks.
 #[derive(Debug)]
 pub struct HttpAnalyticsModule;
 
 static NGX_HTTP_ANALYTICS_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: None,
+    preconfiguration: Some(HttpAnalyticsModule::preconfiguration),
     postconfiguration: None,
     create_main_conf: None,
     init_main_conf: None,
@@ -62,7 +65,17 @@ impl HttpModule for HttpAnalyticsModule {
         // configuration callback can call this; afterwards the static is only read.
         unsafe { &*ptr::addr_of!(ngx_http_analytics_module) }
     }
+
+    unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        match variables::add_variables(cf) {
+            Ok(()) => NGX_OK,
+            Err(()) => NGX_ERROR,
+        }
+    }
 }
+
+const NGX_OK: ngx_int_t = ngx::core::Status::NGX_OK.0;
+const NGX_ERROR: ngx_int_t = ngx::core::Status::NGX_ERROR.0;
 
 // SAFETY: `create_loc_conf` allocates exactly `conf::AnalyticsLocConf` for this module.
 unsafe impl HttpModuleLocationConf for HttpAnalyticsModule {

@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod beacon;
+pub mod bots;
 pub mod line_protocol;
 pub mod policy;
 #[cfg(test)]
