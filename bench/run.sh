@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Benchmark: in ONE run, measures with wrk against one nginx (1 worker, release build):
-#   floor      location with `return 204` (nginx's own floor for a small POST)
-#   dry-run    the module with `analytics_write off` (parse, validate, encode; no write)
-#   influxdb   the module writing every beacon to a real InfluxDB (wait mode)
-# and prints req/s, p50/p99 latency and the ratio to the floor; for the InfluxDB case also the
-# beacons acknowledged with 204 and the points that landed.
-# Settings: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (default 32), BENCH_THREADS (2).
+# Benchmark: ONE run against one nginx (release build) and one real InfluxDB 1.x, with wrk
+# (every beacon has its own sess_id, so every point is its own series, as in real traffic):
+#   floor        location with `return 204`: nginx's own floor for a small POST
+#   dry-run      the module with `analytics_write off` (parse, validate, encode; no write)
+#   batch off    the module writing every beacon on its own (`analytics_batch off`), wait mode
+#   batch on     the module with group commit (default `analytics_batch`), wait mode
+# It prints req/s, p50/p99 latency, the ratio to the floor, and for the two writing cases the
+# writes sent to InfluxDB (counted by an access log on the write location) and the points that
+# landed vs the beacons acknowledged with 204.
+# Settings: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (32), BENCH_THREADS (2),
+# BENCH_WORKERS (nginx worker processes, 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 duration=${BENCH_DURATION:-10}
 connections=${BENCH_CONNECTIONS:-32}
 threads=${BENCH_THREADS:-2}
+workers=${BENCH_WORKERS:-1}
 nginx_port=${BENCH_NGINX_PORT:-18180}
 influx_port=${BENCH_INFLUX_PORT:-18186}
 influx_rpc_port=${BENCH_INFLUX_RPC_PORT:-18188}
@@ -51,24 +56,44 @@ for _ in $(seq 1 100); do
     curl -fs "http://127.0.0.1:$influx_port/ping" >/dev/null && break
     sleep 0.2
 done
-curl -fsS -XPOST "http://127.0.0.1:$influx_port/query" --data-urlencode "q=CREATE DATABASE bench" >/dev/null
+influx_query() {
+    curl -fsS -XPOST "http://127.0.0.1:$influx_port/query" --data-urlencode "q=$1" \
+        ${2:+--data-urlencode "db=$2"}
+}
+for db in warmup batch_off batch_on; do influx_query "CREATE DATABASE $db" >/dev/null; done
 
+# One write location per database; each logs its writes (subrequests) to its own file.
+write_location() {
+    cat <<LOC
+        location = /_write/$1 {
+            internal;
+            proxy_pass http://influxdb/write?db=$1&precision=ns;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass_request_headers off;
+            proxy_ignore_client_abort on;
+            log_subrequest on;
+            access_log logs/writes-$1.log writes;
+        }
+LOC
+}
 cat > "$run/nginx/nginx.conf" <<CONF
 load_module $module;
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes $workers;
 error_log logs/error.log warn;
 pid logs/nginx.pid;
 user root;
 events { worker_connections 4096; }
 http {
     access_log off;
+    log_format writes '\$status';
     client_body_temp_path client_body_temp;
     proxy_temp_path proxy_temp;
     upstream influxdb {
         server 127.0.0.1:$influx_port;
-        keepalive 32;
+        keepalive 64;
     }
     server {
         listen 127.0.0.1:$nginx_port;
@@ -76,15 +101,12 @@ http {
         permitted_events socialclick;
         location = /floor { return 204; }
         location = /dry { analytics; analytics_write off; }
-        location = /collect { analytics; }
-        location = /_analytics/write {
-            internal;
-            proxy_pass http://influxdb/write?db=bench&precision=ns;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_pass_request_headers off;
-            proxy_ignore_client_abort on;
-        }
+        location = /warmup { analytics; analytics_write /_write/warmup; }
+        location = /batch_off { analytics; analytics_write /_write/batch_off; analytics_batch off; }
+        location = /batch_on { analytics; analytics_write /_write/batch_on; }
+$(write_location warmup)
+$(write_location batch_off)
+$(write_location batch_on)
     }
 }
 CONF
@@ -95,32 +117,43 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 
+# Every request carries a new sess_id: thread number and a per-thread counter.
 cat > "$run/beacon.lua" <<'LUA'
-wrk.method = "POST"
-wrk.headers["Host"] = "www.example.com"
-wrk.headers["Content-Type"] = "text/plain;charset=UTF-8"
-wrk.body = '{"domain":"www.example.com","page":"/posts/blog/general/share-buttons.html",'
-    .. '"timezone":-60,"platform":"Linux x86_64","sess_id":"07ab-8022",'
-    .. '"event":"socialclick","note":"mastodon"}'
+local threads = 0
+function setup(thread)
+    threads = threads + 1
+    thread:set("id", threads)
+end
+function init(args)
+    n = 0
+    wrk.headers["Host"] = "www.example.com"
+    wrk.headers["Content-Type"] = "text/plain;charset=UTF-8"
+end
+function request()
+    n = n + 1
+    local body = '{"domain":"www.example.com","page":"/posts/blog/general/share-buttons.html",'
+        .. '"timezone":-60,"platform":"Linux x86_64","sess_id":"' .. id .. '-' .. n .. '",'
+        .. '"event":"socialclick","note":"mastodon"}'
+    return wrk.format("POST", nil, nil, body)
+end
 LUA
 
 # wrk's latency figure in ms ("812.00us", "1.23ms", "1.01s").
 to_ms() {
     awk -v v="$1" 'BEGIN {
-        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
-        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
-        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.2f", v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.2f", v }
+        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.2f", v * 1000 }
         else { print v } }'
 }
 
+# Warm up connections, upstream keepalive and InfluxDB (its own database, not counted).
+wrk -t"$threads" -c"$connections" -d3s -s "$run/beacon.lua" "http://127.0.0.1:$nginx_port/warmup" >/dev/null
+sleep 1
+
 declare -A rps p50 p99 total non2xx
-for case in floor dry collect; do
-    # Warm up (connections, upstream keepalive), then measure.
-    wrk -t"$threads" -c"$connections" -d2s -s "$run/beacon.lua" "http://127.0.0.1:$nginx_port/$case" >/dev/null
-    if [ "$case" = collect ]; then
-        curl -fsS -XPOST "http://127.0.0.1:$influx_port/query" \
-            --data-urlencode "q=DROP SERIES FROM pf_analytics_event" --data-urlencode "db=bench" >/dev/null
-    fi
+cases=(floor dry batch_off batch_on)
+for case in "${cases[@]}"; do
     out=$(wrk -t"$threads" -c"$connections" -d"${duration}s" --latency -s "$run/beacon.lua" \
         "http://127.0.0.1:$nginx_port/$case")
     rps[$case]=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
@@ -129,18 +162,29 @@ for case in floor dry collect; do
     total[$case]=$(awk '/requests in/ { print $1 }' <<<"$out")
     non2xx[$case]=$(awk '/Non-2xx/ { print $NF }' <<<"$out")
     non2xx[$case]=${non2xx[$case]:-0}
+    sleep 1
 done
 
-landed=$(curl -fsS -G "http://127.0.0.1:$influx_port/query" --data-urlencode "db=bench" \
-    --data-urlencode 'q=SELECT count("counter") FROM "pf_analytics_event"' \
-    | sed -n 's/.*"values":\[\[[^,]*,\([0-9]*\)\]\].*/\1/p')
+points() {
+    influx_query 'SELECT count("counter") FROM "pf_analytics_event"' "$1" \
+        | sed -n 's/.*"values":\[\[[^,]*,\([0-9]*\)\]\].*/\1/p'
+}
 
-echo "wrk -t$threads -c$connections -d${duration}s, one nginx worker, $(nproc) cores"
-printf '%-10s %12s %10s %10s %10s\n' case "req/s" "p50 ms" "p99 ms" "vs floor"
-for case in floor dry collect; do
+echo "wrk -t$threads -c$connections -d${duration}s; nginx: $workers worker(s); $(nproc) cores;" \
+    "InfluxDB $(influxd version 2>/dev/null | awk '{print $2}'); a new sess_id per beacon"
+printf '%-10s %10s %8s %8s %9s %8s %9s %9s\n' \
+    case "req/s" "p50 ms" "p99 ms" "vs floor" writes "204s" landed
+for case in "${cases[@]}"; do
     ratio=$(awk -v a="${rps[$case]}" -v b="${rps[floor]}" 'BEGIN { printf "%.2f", a / b }')
-    printf '%-10s %12s %10s %10s %10s\n' "$case" "${rps[$case]}" "${p50[$case]}" "${p99[$case]}" "$ratio"
+    acked=$(( ${total[$case]} - ${non2xx[$case]} ))
+    writes=- landed=-
+    if [ -f "$run/nginx/logs/writes-$case.log" ]; then
+        writes=$(wc -l < "$run/nginx/logs/writes-$case.log")
+        landed=$(points "$case")
+    fi
+    printf '%-10s %10s %8s %8s %9s %8s %9s %9s\n' "$case" "${rps[$case]}" "${p50[$case]}" \
+        "${p99[$case]}" "$ratio" "$writes" "$acked" "${landed:-0}"
 done
-acked=$(( ${total[collect]} - ${non2xx[collect]} ))
-echo "influxdb case: ${total[collect]} answered, $acked acknowledged with 204, ${landed:-0} points landed"
-echo "(the 2 s warm-up before each case is not counted; its points were dropped before measuring)"
+speedup=$(awk -v a="${rps[batch_on]}" -v b="${rps[batch_off]}" 'BEGIN { printf "%.1f", a / b }')
+echo "batch on / batch off: ${speedup}x"
+echo "(204s: answers wrk received; a request in flight when wrk stops may land without being counted)"
