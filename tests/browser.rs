@@ -109,6 +109,8 @@ server {{
     server_name {SITE} {NEWS};
     root {root};
     permitted_events socialclick;
+    # The browser is HeadlessChrome, which the module drops as a bot by default.
+    analytics_drop_bots off;
     {server_extra}
     location = /analytics/agent.js {{
         analytics_agent;
