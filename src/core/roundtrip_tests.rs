@@ -53,7 +53,11 @@ pub enum Expected {
 pub fn expected_point(
     beacon: &Beacon,
     measurements: &Measurements,
-) -> (String, Vec<(&'static str, String)>, Vec<(&'static str, Expected)>) {
+) -> (
+    String,
+    Vec<(&'static str, String)>,
+    Vec<(&'static str, Expected)>,
+) {
     let common = beacon.common();
     let timezone = common.timezone.map(|tz| tz.to_string());
     let (measurement, tags, fields) = match beacon {
@@ -184,7 +188,9 @@ pub fn influx16_tags(series: &str) -> Result<(String, Vec<(String, String)>), St
             return Err(format!("empty tag value in {part:?}"));
         }
         if value.ends_with('\\') && !value.ends_with("\\\\") {
-            return Err(format!("tag value ends with an escaping backslash: {part:?}"));
+            return Err(format!(
+                "tag value ends with an escaping backslash: {part:?}"
+            ));
         }
         tags.push((unescape(key), unescape(value)));
     }
@@ -232,8 +238,7 @@ pub fn check_point(beacon: &Beacon, measurements: &Measurements, ts: u64, line: 
     assert_eq!(got_tags, want_tags, "tags (crate view) of {text:?}");
 
     // Tags as InfluxDB 1.6 reads them: exactly sanitize_tag_value(original).
-    let (m16, tags16) =
-        influx16_tags(series_key(text)).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+    let (m16, tags16) = influx16_tags(series_key(text)).unwrap_or_else(|e| panic!("{e}: {text:?}"));
     assert_eq!(m16, measurement, "measurement (1.6 view) of {text:?}");
     let want16: Vec<(String, String)> = tags
         .iter()
@@ -255,10 +260,8 @@ pub fn check_point(beacon: &Beacon, measurements: &Measurements, ts: u64, line: 
             (k.to_string(), v)
         })
         .collect();
-    let want_fields: Vec<(String, Expected)> = fields
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+    let want_fields: Vec<(String, Expected)> =
+        fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     assert_eq!(got_fields, want_fields, "fields of {text:?}");
 
     assert_eq!(
@@ -425,7 +428,10 @@ mod props {
         weighted(vec![
             (8, (lo..=hi).prop_map(|n| Some(J::Int(n))).boxed()),
             (2, Just(None).boxed()),
-            (u32::from(hostile), any::<i64>().prop_map(|n| Some(J::Int(n))).boxed()),
+            (
+                u32::from(hostile),
+                any::<i64>().prop_map(|n| Some(J::Int(n))).boxed(),
+            ),
             (u32::from(hostile), odd_value().prop_map(Some).boxed()),
         ])
     }
@@ -440,7 +446,10 @@ mod props {
                     .boxed(),
             ),
             (2, Just(None).boxed()),
-            (u32::from(hostile), any::<f64>().prop_map(|f| Some(J::Float(f))).boxed()),
+            (
+                u32::from(hostile),
+                any::<f64>().prop_map(|f| Some(J::Float(f))).boxed(),
+            ),
             (u32::from(hostile), odd_value().prop_map(Some).boxed()),
         ])
     }
@@ -599,12 +608,22 @@ mod props {
         let event = weighted(vec![
             (1, Just(None).boxed()),
             (1, rich_string(16).prop_map(|s| Some(J::Str(s))).boxed()),
-            (1, "[a-zA-Z0-9_.:-]{1,20}".prop_map(|s| Some(J::Str(s))).boxed()),
+            (
+                1,
+                "[a-zA-Z0-9_.:-]{1,20}"
+                    .prop_map(|s| Some(J::Str(s)))
+                    .boxed(),
+            ),
             (u32::from(hostile), odd_value().prop_map(Some).boxed()),
         ]);
         let utcoffset = weighted(vec![
             (1, int_value(-840, 840, hostile)),
-            (1, "[ ]?[+-]?[0-9]{0,3}[ ]?".prop_map(|s| Some(J::Str(s))).boxed()),
+            (
+                1,
+                "[ ]?[+-]?[0-9]{0,3}[ ]?"
+                    .prop_map(|s| Some(J::Str(s)))
+                    .boxed(),
+            ),
         ]);
         (
             (
@@ -795,7 +814,8 @@ mod props {
 
     #[test]
     fn mutated_beacons_never_panic_and_round_trip_when_accepted() {
-        let edits = prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..6);
+        let edits =
+            prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..6);
         let mut runner = TestRunner::new(config(1000));
         runner
             .run(&(sent(), edits), |(sent, edits)| {
@@ -829,7 +849,11 @@ mod props {
             assert_eq!(crate_view_of_tag(sanitized), crate_view);
             let text = format!("m,t={sanitized} f=1i 1\n");
             let point = parse_lines(&text).next().unwrap().unwrap();
-            assert_eq!(point.tag_value("t").unwrap().as_str(), crate_view, "{text:?}");
+            assert_eq!(
+                point.tag_value("t").unwrap().as_str(),
+                crate_view,
+                "{text:?}"
+            );
             let (_, tags) = influx16_tags(series_key(&text)).unwrap();
             assert_eq!(tags[0].1, sanitized, "InfluxDB 1.6 stores it as written");
         }
