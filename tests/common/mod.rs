@@ -14,6 +14,7 @@
 pub mod client;
 pub mod influx;
 pub mod nginx;
+pub mod points;
 pub mod sink;
 pub mod webdriver;
 
