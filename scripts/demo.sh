@@ -64,8 +64,10 @@ for _ in $(seq 1 100); do
 done
 
 echo "==> sending the sample beacons"
+# Without a User-Agent: the module drops beacons from curl, crawlers and headless browsers as bots
+# (analytics_drop_bots), and a missing User-Agent proves nothing either way.
 for file in "$root"/tests/fixtures/payloads/*.json; do
-    status=$(curl -s -o "$run/answer" -w '%{http_code}' -H 'Host: www.example.com' \
+    status=$(curl -s -A '' -o "$run/answer" -w '%{http_code}' -H 'Host: www.example.com' \
         -H 'Content-Type: text/plain;charset=UTF-8' --data-binary "@$file" \
         "http://127.0.0.1:$nginx_port/analytics/collect")
     printf '  %-32s -> %s %s\n' "$(basename "$file")" "$status" "$(tr -d '\n' < "$run/answer")"
@@ -96,7 +98,7 @@ Its points:      influx -host 127.0.0.1 -port $influx_port -database analytics -
                    -execute 'SELECT * FROM pf_analytics WHERE page =~ /^\/demo\//; SELECT * FROM pf_analytics_event WHERE page =~ /^\/demo\//'
 MSG
 echo "Beacon endpoint: http://127.0.0.1:$nginx_port/analytics/collect (Host: www.example.com)"
-echo "Try:  curl -H 'Host: www.example.com' --data-binary '{\"domain\":\"www.example.com\",\"page\":\"/hi\"}' http://127.0.0.1:$nginx_port/analytics/collect"
+echo "Try:  curl -A '' -H 'Host: www.example.com' --data-binary '{\"domain\":\"www.example.com\",\"page\":\"/hi\"}' http://127.0.0.1:$nginx_port/analytics/collect"
 echo "Logs: $run/nginx/logs/error.log"
 if [ "${DEMO_KEEP:-1}" = "1" ] && [ -t 0 ]; then
     echo "Press Ctrl-C to stop nginx and InfluxDB."
