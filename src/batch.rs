@@ -38,7 +38,7 @@ use ngx::ngx_log_error;
 use crate::conf::WriteMode;
 use crate::core::batch::{BatchLimits, ChunkOutcome, LineBatch, WritePlan};
 use crate::handler::{answer_write_outcome, no_panic, request_ctx_ptr, send_response, RequestCtx};
-use crate::subrequest::start_write;
+use crate::subrequest::{response_body, start_write};
 
 /// Most writes to one URI a worker runs at the same time; while this many are in flight, a
 /// full batch refuses further beacons (502 in `wait` mode) instead of growing.
@@ -77,6 +77,8 @@ pub struct Batch {
     plan: WritePlan,
     /// The chunk being written and, once its subrequest finished, the answer.
     writing: Option<(Range<usize>, Option<SinkAnswer>)>,
+    /// The sink's error message for the chunk just written (sanitized, shortened).
+    sink_message: String,
 }
 
 /// Per-URI state of this worker.
@@ -157,6 +159,7 @@ pub fn submit(
                 stage: Stage::Open,
                 plan: WritePlan::new(0),
                 writing: None,
+                sink_message: String::new(),
             }));
             with_sink(uri, |sink| sink.open = batch);
             batch
@@ -367,6 +370,11 @@ unsafe extern "C" fn chunk_written(
             let failed_before = matches!(result, Some((ok, s)) if !(*ok && (200..300).contains(s)));
             if !failed_before {
                 *result = Some((rc == 0, status));
+                if !(200..300).contains(&status) {
+                    // SAFETY: `sr` is the finished subrequest started by `start_write`.
+                    let body = unsafe { response_body(sr) };
+                    batch.sink_message = sink_message(body);
+                }
             }
         }
         rc
@@ -391,15 +399,36 @@ unsafe extern "C" fn chunk_done(r: *mut ngx_http_request_t) {
         };
         let outcome = ChunkOutcome::from_status(ok, status);
         if outcome == ChunkOutcome::Failed {
-            let detail = match status {
-                0 => "no answer from the sink".to_string(),
-                status => format!("sink answered {status}"),
+            let message = std::mem::take(&mut batch.sink_message);
+            let detail = match (status, message.as_str()) {
+                (0, _) => "no answer from the sink".to_string(),
+                (400, m) if m.contains("partial write") => {
+                    format!("sink answered 400, a partial write (some lines stored): {m}")
+                }
+                (status, "") => format!("sink answered {status}"),
+                (status, m) => format!("sink answered {status}: {m}"),
             };
             log_failed_chunk(request, batch, chunk.len(), &detail);
         }
         batch.plan.record(chunk, outcome);
         write_next_chunk(batch);
     });
+}
+
+/// The sink's answer body as a short, single-line, printable message for the error log.
+fn sink_message(body: &[u8]) -> String {
+    const MAX_CHARS: usize = 300;
+    let text = String::from_utf8_lossy(body);
+    let mut message: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_CHARS)
+        .collect();
+    if text.trim().chars().count() > MAX_CHARS {
+        message.push_str("...");
+    }
+    message
 }
 
 fn log_failed_chunk(request: &Request, batch: &Batch, points: usize, detail: &str) {

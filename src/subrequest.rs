@@ -2,10 +2,12 @@
 //!
 //! ngx 0.5's `Request::subrequest` always gives the subrequest an empty body, so it cannot
 //! carry line protocol. Here the subrequest gets its own request body (a pool copy of the
-//! lines), method POST and a matching Content-Length; `header_only` keeps the sink's answer out
-//! of the client's response. The subrequest is "waited": when it is done, nginx runs the
-//! parent's write handler. The caller's post-subrequest handler records the outcome; nginx may
-//! call it twice for one subrequest (an upstream error first reports 502, then 0).
+//! lines), method POST and a matching Content-Length. It runs "in memory": the sink's answer
+//! never reaches the client; its body (up to `subrequest_output_buffer_size`) is kept for
+//! [`response_body`], so an error message from InfluxDB can be logged. The subrequest is
+//! "waited": when it is done, nginx runs the parent's write handler. The caller's
+//! post-subrequest handler records the outcome; nginx may call it twice for one subrequest (an
+//! upstream error first reports 502, then 0).
 
 use std::ffi::c_void;
 use std::ptr;
@@ -13,7 +15,8 @@ use std::ptr;
 use ngx::ffi::{
     ngx_alloc_chain_link, ngx_buf_t, ngx_http_post_subrequest_pt, ngx_http_post_subrequest_t,
     ngx_http_request_body_t, ngx_http_request_t, ngx_http_subrequest, ngx_pcalloc, ngx_pnalloc,
-    ngx_str_t, ngx_uint_t, NGX_HTTP_POST, NGX_HTTP_SUBREQUEST_WAITED,
+    ngx_str_t, ngx_uint_t, NGX_HTTP_POST, NGX_HTTP_SUBREQUEST_IN_MEMORY,
+    NGX_HTTP_SUBREQUEST_WAITED,
 };
 use ngx::http::Request;
 
@@ -95,7 +98,7 @@ pub fn start_write(
         len: uri.len(),
         data: uri.as_ptr().cast_mut(),
     };
-    let flags = NGX_HTTP_SUBREQUEST_WAITED;
+    let flags = NGX_HTTP_SUBREQUEST_WAITED | NGX_HTTP_SUBREQUEST_IN_MEMORY;
     let mut sr: *mut ngx_http_request_t = ptr::null_mut();
     let r: *mut ngx_http_request_t = request.into();
     // SAFETY: `r` is the valid parent request; all pointers passed are valid for its lifetime.
@@ -124,6 +127,22 @@ pub fn start_write(
     };
     sr.headers_in.content_length_n = lines.len() as i64;
     sr.headers_in.set_chunked(0);
-    sr.set_header_only(1);
     Ok(())
+}
+
+/// The body of a finished in-memory subrequest's answer (empty when it had none).
+///
+/// # Safety
+/// `sr` must be a valid subrequest started by [`start_write`].
+pub unsafe fn response_body<'a>(sr: *const ngx_http_request_t) -> &'a [u8] {
+    // SAFETY: the caller guarantees `sr`; `out` is NULL or the in-memory chain whose single
+    // buffer nginx filled with the answer, in the request pool.
+    let Some(buf) = (unsafe { (*sr).out.as_ref().and_then(|out| out.buf.as_ref()) }) else {
+        return &[];
+    };
+    if buf.pos.is_null() || buf.last <= buf.pos {
+        return &[];
+    }
+    // SAFETY: pos..last is the initialized content of that buffer.
+    unsafe { std::slice::from_raw_parts(buf.pos, buf.last.offset_from(buf.pos) as usize) }
 }

@@ -400,3 +400,40 @@ fn with_a_real_influxdb_every_204_of_a_burst_is_a_stored_point() {
     assert_eq!(rows.len(), 64, "each acknowledged beacon is one point");
     assert_eq!(stored, names.iter().cloned().collect::<HashSet<_>>());
 }
+
+#[test]
+fn the_sinks_error_message_is_logged_once_per_failed_write() {
+    let sink = FakeSink::start();
+    let port = free_port();
+    let nginx = Nginx::start(&conf(port, sink.port(), ""));
+    sink.set_response(401, "{\"error\":\"authorization failed\"}\n");
+    assert_eq!(post(port, "/collect", &beacon("denied")).status, 502);
+    let log = nginx.error_log();
+    assert_eq!(
+        log.matches(
+            r#"failed: sink answered 401: {"error":"authorization failed"}, 1 point(s) not stored"#
+        )
+        .count(),
+        1,
+        "{log}"
+    );
+}
+
+#[test]
+fn a_partial_write_by_a_real_influxdb_is_reported() {
+    let influx = Influx::start();
+    influx.create_database("analytics");
+    // `counter` already exists as a float in the current shard: InfluxDB refuses our integer
+    // `counter=1i` lines with a 400 "partial write" (it would store the other lines).
+    let seeded = influx.write_lines("analytics", "pf_analytics,type=pageview counter=1\n");
+    assert_eq!(seeded.status, 204);
+    let port = free_port();
+    let nginx = Nginx::start(&conf(port, influx.port(), ""));
+    assert_eq!(post(port, "/collect", &beacon("conflict")).status, 502);
+    let log = nginx.error_log();
+    assert!(
+        log.contains("sink answered 400, a partial write (some lines stored):")
+            && log.contains("field type conflict"),
+        "{log}"
+    );
+}
