@@ -75,7 +75,10 @@ fn log_variables_say_what_happened_to_each_beacon() {
     let mut stalled = Conn::open(port);
     stalled
         .send(b"POST /collect HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 100\r\n\r\n{");
-    assert!(stalled.is_closed_by_peer(Duration::from_secs(5)), "nginx gives up after 1 s");
+    assert!(
+        stalled.is_closed_by_peer(Duration::from_secs(5)),
+        "nginx gives up after 1 s"
+    );
 
     assert!(common::wait_until(WAIT, || beacons_log(&nginx).len() == 7));
     assert_eq!(
