@@ -437,3 +437,33 @@ fn a_partial_write_by_a_real_influxdb_is_reported() {
         "{log}"
     );
 }
+
+#[test]
+fn a_leader_whose_client_went_away_still_writes_its_batch() {
+    let sink = FakeSink::start();
+    let port = free_port();
+    let _nginx = Nginx::start(&conf(port, sink.port(), ""));
+    let first = occupy_the_sink(port, &sink, Duration::from_millis(600));
+    // The next beacon opens a batch (its leader), and its client disconnects at once.
+    let body = beacon("leader-gone");
+    let mut leader = common::Conn::open(port);
+    let head = format!(
+        "POST /collect HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    leader.send(head.as_bytes());
+    leader.send(&body);
+    thread::sleep(Duration::from_millis(50));
+    drop(leader);
+    let answers = burst(port, &sessions("after-leader", 8));
+    assert_eq!(first.join().unwrap().status, 204);
+    for (sess, response) in &answers {
+        assert_eq!(response.status, 204, "{sess}");
+    }
+    let all: HashSet<String> = sessions_per_write(&sink).into_iter().flatten().collect();
+    assert!(
+        all.contains("leader-gone"),
+        "the leader's own line was written: {all:?}"
+    );
+    assert_eq!(all.len(), 10);
+}
