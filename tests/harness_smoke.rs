@@ -12,6 +12,7 @@ use common::*;
 #[test]
 fn nginx_proxies_to_fake_sink() {
     let sink = FakeSink::start();
+    sink.skip_privacy_audit(); // arbitrary test traffic, not the module's writes
     let port = free_port();
     let nginx = Nginx::start(&format!(
         r#"
@@ -62,6 +63,7 @@ fn nginx_proxies_to_fake_sink() {
 #[test]
 fn fake_sink_keep_alive_chunked_and_delay() {
     let sink = FakeSink::start();
+    sink.skip_privacy_audit(); // arbitrary test traffic, not the module's writes
     let mut conn = Conn::open(sink.port());
     // Two requests on one connection, the second chunked, sent in one write (pipelined).
     conn.send(
@@ -173,6 +175,7 @@ fn config_test_reports_emerg_with_line() {
 #[test]
 fn master_with_workers_and_reload() {
     let sink = FakeSink::start();
+    sink.skip_privacy_audit(); // arbitrary test traffic, not the module's writes
     let port = free_port();
     let block = format!(
         r#"server {{
@@ -223,6 +226,7 @@ fn master_with_workers_and_reload() {
 #[test]
 fn nginx_upstream_keepalive_reuses_sink_connection() {
     let sink = FakeSink::start();
+    sink.skip_privacy_audit(); // arbitrary test traffic, not the module's writes
     let port = free_port();
     let _nginx = Nginx::start(&format!(
         r#"

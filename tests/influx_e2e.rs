@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use common::{free_port, post, Conn, Influx, Nginx};
+use common::{free_port, post, Conn, FakeSink, Influx, Nginx};
 
 const DB: &str = "analytics";
 
 /// nginx with the beacon endpoint at `/collect`, writing to `influx` through keepalive
-/// connections, as in nginx-conf/nginx.conf.
-fn start_nginx(influx_port: u16, endpoint_extra: &str) -> (Nginx, u16) {
+/// connections, as in nginx-conf/nginx.conf. The writes pass through a forwarding
+/// [`FakeSink`], whose privacy audit checks every byte sent to InfluxDB.
+fn start_nginx(influx_port: u16, endpoint_extra: &str) -> (Nginx, u16, FakeSink) {
+    let audit = FakeSink::start();
+    audit.set_forward(Some(&format!("127.0.0.1:{influx_port}")));
+    let influx_port = audit.port();
     let port = free_port();
     let conf = format!(
         r#"
@@ -42,14 +46,14 @@ server {{
 }}
 "#
     );
-    (Nginx::start(&conf), port)
+    (Nginx::start(&conf), port, audit)
 }
 
-fn start() -> (Influx, Nginx, u16) {
+fn start() -> (Influx, (Nginx, FakeSink), u16) {
     let influx = Influx::start();
     influx.create_database(DB);
-    let (nginx, port) = start_nginx(influx.port(), "");
-    (influx, nginx, port)
+    let (nginx, port, audit) = start_nginx(influx.port(), "");
+    (influx, (nginx, audit), port)
 }
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -207,8 +211,8 @@ fn a_thousand_identical_beacons_are_a_thousand_points() {
 fn in_wait_mode_a_stopped_influxdb_means_502_and_background_mode_still_answers_204() {
     let mut influx = Influx::start();
     influx.create_database(DB);
-    let (_wait, wait_port) = start_nginx(influx.port(), "");
-    let (background, background_port) =
+    let (_wait, wait_port, _audit_wait) = start_nginx(influx.port(), "");
+    let (background, background_port, _audit_background) =
         start_nginx(influx.port(), "analytics_write_mode background;");
     assert_eq!(
         post(wait_port, "/collect", &fixture("pageview.json")).status,
@@ -238,7 +242,7 @@ fn in_wait_mode_a_stopped_influxdb_means_502_and_background_mode_still_answers_2
 #[test]
 fn a_database_that_does_not_exist_is_a_failed_write() {
     let influx = Influx::start();
-    let (_nginx, port) = start_nginx(influx.port(), "");
+    let (_nginx, port, _audit) = start_nginx(influx.port(), "");
     let response = post(port, "/collect", &fixture("pageview.json"));
     assert_eq!(
         response.status, 502,

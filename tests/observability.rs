@@ -228,3 +228,48 @@ fn bot_dropping_can_be_turned_off() {
     );
     assert_eq!(sink.wait_for_requests(1, WAIT).len(), 1);
 }
+
+/// Every fake sink audits what it received when it is dropped (tests/common/privacy.rs); this
+/// proves the audit itself catches what it is there to catch.
+#[test]
+fn the_privacy_audit_catches_visitor_data() {
+    let write = |headers: &[(&str, &str)], body: &str| common::CapturedRequest {
+        method: "POST".into(),
+        target: "/write?db=analytics".into(),
+        version: "HTTP/1.1".into(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        body: body.as_bytes().to_vec(),
+        raw: format!(
+            "POST /write HTTP/1.1\r\n{}\r\n{body}",
+            headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}\r\n"))
+                .collect::<String>()
+        )
+        .into_bytes(),
+        conn_id: 0,
+    };
+    let clean_line =
+        "pf_analytics,domain=a.example,page=/x,referrer=news.example.org counter=1i 1\n";
+    let host = [("Host", "127.0.0.1:8086"), ("Content-Length", "80")];
+    assert!(common::privacy::violations(&write(&host, clean_line)).is_empty());
+    for (headers, body) in [
+        (vec![("Cookie", "session=1")], clean_line),
+        (vec![("User-Agent", "Mozilla/5.0")], clean_line),
+        (vec![("X-Real-IP", "127.0.0.1")], clean_line),
+        (
+            vec![],
+            "pf_analytics,domain=a.example,page=/x?utm_source=feed counter=1i 1\n",
+        ),
+        (
+            vec![],
+            "pf_analytics,domain=a.example,page=/x,referrer=news.example.org/item counter=1i 1\n",
+        ),
+    ] {
+        let found = common::privacy::violations(&write(&headers, body));
+        assert!(!found.is_empty(), "{headers:?} {body:?}");
+    }
+}

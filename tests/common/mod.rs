@@ -15,6 +15,7 @@ pub mod client;
 pub mod influx;
 pub mod nginx;
 pub mod points;
+pub mod privacy;
 pub mod sink;
 pub mod webdriver;
 

@@ -79,6 +79,8 @@ impl Shared {
 /// Content-Length and chunked request bodies; answers `204 No Content` unless told otherwise.
 /// Dropping it stops it (bounded).
 pub struct FakeSink {
+    /// Set for sinks that receive arbitrary test traffic rather than the module's writes.
+    skip_audit: std::sync::atomic::AtomicBool,
     addr: SocketAddr,
     shared: Arc<Shared>,
     accept_thread: Option<JoinHandle<()>>,
@@ -114,11 +116,18 @@ impl FakeSink {
                 .expect("spawning the fake sink")
         };
         FakeSink {
+            skip_audit: std::sync::atomic::AtomicBool::new(false),
             addr,
             shared,
             accept_thread: Some(accept_thread),
             conn_threads,
         }
+    }
+
+    /// Turns off the privacy audit at drop (for sinks that receive arbitrary test traffic
+    /// rather than the module's writes).
+    pub fn skip_privacy_audit(&self) {
+        self.skip_audit.store(true, Ordering::SeqCst);
     }
 
     /// `127.0.0.1:<port>`.
@@ -199,6 +208,17 @@ impl FakeSink {
 
 impl Drop for FakeSink {
     fn drop(&mut self) {
+        if !std::thread::panicking() && !self.skip_audit.load(Ordering::SeqCst) {
+            let leaks: Vec<String> = self
+                .requests()
+                .iter()
+                .flat_map(super::privacy::violations)
+                .collect();
+            assert!(
+                leaks.is_empty(),
+                "visitor data reached the sink: {leaks:#?}"
+            );
+        }
         self.shared.stop.store(true, Ordering::SeqCst);
         // Unblock accept().
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
