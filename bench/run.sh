@@ -151,7 +151,17 @@ to_ms() {
 wrk -t"$threads" -c"$connections" -d3s -s "$run/beacon.lua" "http://127.0.0.1:$nginx_port/warmup" >/dev/null
 sleep 1
 
-declare -A rps p50 p99 total non2xx
+# Resident memory of the nginx worker(s), in KiB.
+worker_rss() {
+    local total=0 pid
+    for pid in $(pgrep -P "$(cat "$run/nginx/logs/nginx.pid")"); do
+        total=$(( total + $(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status") ))
+    done
+    echo "$total"
+}
+
+declare -A rps p50 p99 total non2xx rss
+rss_start=$(worker_rss)
 cases=(floor dry batch_off batch_on)
 for case in "${cases[@]}"; do
     out=$(wrk -t"$threads" -c"$connections" -d"${duration}s" --latency -s "$run/beacon.lua" \
@@ -162,6 +172,7 @@ for case in "${cases[@]}"; do
     total[$case]=$(awk '/requests in/ { print $1 }' <<<"$out")
     non2xx[$case]=$(awk '/Non-2xx/ { print $NF }' <<<"$out")
     non2xx[$case]=${non2xx[$case]:-0}
+    rss[$case]=$(worker_rss)
     sleep 1
 done
 
@@ -172,8 +183,8 @@ points() {
 
 echo "wrk -t$threads -c$connections -d${duration}s; nginx: $workers worker(s); $(nproc) cores;" \
     "InfluxDB $(influxd version 2>/dev/null | awk '{print $2}'); a new sess_id per beacon"
-printf '%-10s %10s %8s %8s %9s %8s %9s %9s\n' \
-    case "req/s" "p50 ms" "p99 ms" "vs floor" writes "204s" landed
+printf '%-10s %10s %8s %8s %9s %8s %9s %9s %9s\n' \
+    case "req/s" "p50 ms" "p99 ms" "vs floor" writes "204s" landed "RSS KiB"
 for case in "${cases[@]}"; do
     ratio=$(awk -v a="${rps[$case]}" -v b="${rps[floor]}" 'BEGIN { printf "%.2f", a / b }')
     acked=$(( ${total[$case]} - ${non2xx[$case]} ))
@@ -182,9 +193,9 @@ for case in "${cases[@]}"; do
         writes=$(wc -l < "$run/nginx/logs/writes-$case.log")
         landed=$(points "$case")
     fi
-    printf '%-10s %10s %8s %8s %9s %8s %9s %9s\n' "$case" "${rps[$case]}" "${p50[$case]}" \
-        "${p99[$case]}" "$ratio" "$writes" "$acked" "${landed:-0}"
+    printf '%-10s %10s %8s %8s %9s %8s %9s %9s %9s\n' "$case" "${rps[$case]}" "${p50[$case]}" \
+        "${p99[$case]}" "$ratio" "$writes" "$acked" "${landed:-0}" "${rss[$case]}"
 done
 speedup=$(awk -v a="${rps[batch_on]}" -v b="${rps[batch_off]}" 'BEGIN { printf "%.1f", a / b }')
-echo "batch on / batch off: ${speedup}x"
+echo "batch on / batch off: ${speedup}x; worker RSS after warm-up ${rss_start} KiB"
 echo "(204s: answers wrk received; a request in flight when wrk stops may land without being counted)"
