@@ -22,45 +22,20 @@ influx_port=${BENCH_INFLUX_PORT:-18186}
 influx_rpc_port=${BENCH_INFLUX_RPC_PORT:-18188}
 
 cargo build --release --quiet
-module="$root/target/release/libngx_http_analytics_module.so"
-nginx_bin=$(ls -t "$root"/target/release/build/nginx-sys-*/out/objs/nginx | head -n 1)
+# shellcheck source=scripts/lib.sh
+. "$root/scripts/lib.sh"
+nginx_bin=$(release_nginx)
 
 run=$(mktemp -d)
-pids=()
 cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    stop_all
     rm -rf "$run"
 }
 trap cleanup EXIT
-mkdir -p "$run/influxdb" "$run/nginx/logs"
+mkdir -p "$run/nginx/logs"
 
-cat > "$run/influxdb/influxdb.conf" <<CONF
-reporting-disabled = true
-bind-address = "127.0.0.1:$influx_rpc_port"
-[meta]
-  dir = "$run/influxdb/meta"
-[data]
-  dir = "$run/influxdb/data"
-  wal-dir = "$run/influxdb/wal"
-  query-log-enabled = false
-[http]
-  bind-address = "127.0.0.1:$influx_port"
-  log-enabled = false
-[monitor]
-  store-enabled = false
-CONF
-influxd -config "$run/influxdb/influxdb.conf" > "$run/influxdb/influxd.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do
-    curl -fs "http://127.0.0.1:$influx_port/ping" >/dev/null && break
-    sleep 0.2
-done
-influx_query() {
-    curl -fsS -XPOST "http://127.0.0.1:$influx_port/query" --data-urlencode "q=$1" \
-        ${2:+--data-urlencode "db=$2"}
-}
-for db in warmup batch_off batch_on; do influx_query "CREATE DATABASE $db" >/dev/null; done
+start_influxd "$run/influxdb" "$influx_port" "$influx_rpc_port"
+for db in warmup batch_off batch_on; do influx_query "$influx_port" "CREATE DATABASE $db" >/dev/null; done
 
 # One write location per database; each logs its writes (subrequests) to its own file.
 write_location() {
@@ -110,12 +85,7 @@ $(write_location batch_on)
     }
 }
 CONF
-"$nginx_bin" -p "$run/nginx/" -c "$run/nginx/nginx.conf" &
-pids+=($!)
-for _ in $(seq 1 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$nginx_port/floor" && break
-    sleep 0.1
-done
+start_nginx "$nginx_bin" "$run/nginx" "http://127.0.0.1:$nginx_port/floor"
 
 # Every request carries a new sess_id: thread number and a per-thread counter.
 cat > "$run/beacon.lua" <<'LUA'
@@ -177,7 +147,7 @@ for case in "${cases[@]}"; do
 done
 
 points() {
-    influx_query 'SELECT count("counter") FROM "pf_analytics_event"' "$1" \
+    influx_query "$influx_port" 'SELECT count("counter") FROM "pf_analytics_event"' "$1" \
         | sed -n 's/.*"values":\[\[[^,]*,\([0-9]*\)\]\].*/\1/p'
 }
 

@@ -14,54 +14,23 @@ run="$root/demo-run"
 
 echo "==> building the module and nginx (release)"
 cargo build --release
-module="$root/target/release/libngx_http_analytics_module.so"
-nginx_bin=$(ls -t "$root"/target/release/build/nginx-sys-*/out/objs/nginx 2>/dev/null | head -n 1)
-[ -x "$nginx_bin" ] || { echo "nginx binary not found under target/release/build" >&2; exit 1; }
-
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
+# shellcheck source=scripts/lib.sh
+. "$root/scripts/lib.sh"
+nginx_bin=$(release_nginx)
+trap stop_all EXIT
 
 rm -rf "$run"
-mkdir -p "$run/influxdb" "$run/nginx/logs"
+mkdir -p "$run/nginx/logs"
 
 echo "==> starting InfluxDB on 127.0.0.1:$influx_port"
-cat > "$run/influxdb/influxdb.conf" <<CONF
-reporting-disabled = true
-bind-address = "127.0.0.1:$influx_rpc_port"
-[meta]
-  dir = "$run/influxdb/meta"
-[data]
-  dir = "$run/influxdb/data"
-  wal-dir = "$run/influxdb/wal"
-  query-log-enabled = false
-[http]
-  bind-address = "127.0.0.1:$influx_port"
-  log-enabled = false
-[monitor]
-  store-enabled = false
-CONF
-influxd -config "$run/influxdb/influxdb.conf" > "$run/influxdb/influxd.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 100); do
-    curl -fs "http://127.0.0.1:$influx_port/ping" >/dev/null && break
-    sleep 0.2
-done
-curl -fsS -XPOST "http://127.0.0.1:$influx_port/query" --data-urlencode "q=CREATE DATABASE analytics" >/dev/null
+start_influxd "$run/influxdb" "$influx_port" "$influx_rpc_port"
+influx_query "$influx_port" "CREATE DATABASE analytics" >/dev/null
 
 echo "==> starting nginx with the module on 127.0.0.1:$nginx_port"
 sed -e "s|@MODULE@|$module|" -e "s|@NGINX_PORT@|$nginx_port|" -e "s|@INFLUX_PORT@|$influx_port|" \
     -e "s|@AGENT_DIR@|$root/agent|" \
     "$root/scripts/demo-nginx.conf" > "$run/nginx/nginx.conf"
-"$nginx_bin" -p "$run/nginx/" -c "$run/nginx/nginx.conf" &
-pids+=($!)
-for _ in $(seq 1 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$nginx_port/" && break
-    sleep 0.1
-done
+start_nginx "$nginx_bin" "$run/nginx" "http://127.0.0.1:$nginx_port/"
 
 echo "==> sending the sample beacons"
 # Without a User-Agent: the module drops beacons from curl, crawlers and headless browsers as bots

@@ -1,0 +1,69 @@
+# Shell helpers shared by scripts/demo.sh and bench/run.sh (source it; needs `root` set to the
+# repository root). Starts processes on loopback only and records their pids in `pids`.
+
+pids=()
+
+# Kills every process started through these helpers (install with `trap stop_all EXIT`).
+stop_all() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+
+# The release module and the nginx it was built with (after `cargo build --release`).
+module="$root/target/release/libngx_http_analytics_module.so"
+release_nginx() {
+    local bin
+    bin=$(ls -t "$root"/target/release/build/nginx-sys-*/out/objs/nginx 2>/dev/null | head -n 1)
+    [ -x "$bin" ] || { echo "nginx binary not found under target/release/build" >&2; return 1; }
+    echo "$bin"
+}
+
+# start_influxd DIR HTTP_PORT RPC_PORT: InfluxDB 1.x with its data in DIR, on 127.0.0.1,
+# waits until it answers /ping.
+start_influxd() {
+    local dir=$1 http_port=$2 rpc_port=$3
+    mkdir -p "$dir"
+    cat > "$dir/influxdb.conf" <<CONF
+reporting-disabled = true
+bind-address = "127.0.0.1:$rpc_port"
+[meta]
+  dir = "$dir/meta"
+[data]
+  dir = "$dir/data"
+  wal-dir = "$dir/wal"
+  query-log-enabled = false
+[http]
+  bind-address = "127.0.0.1:$http_port"
+  log-enabled = false
+[monitor]
+  store-enabled = false
+CONF
+    influxd -config "$dir/influxdb.conf" > "$dir/influxd.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do
+        curl -fs "http://127.0.0.1:$http_port/ping" >/dev/null && return 0
+        sleep 0.2
+    done
+    echo "InfluxDB did not start; see $dir/influxd.log" >&2
+    return 1
+}
+
+# influx_query PORT QUERY [DB]: runs an InfluxQL statement, prints the JSON answer.
+influx_query() {
+    curl -fsS -XPOST "http://127.0.0.1:$1/query" --data-urlencode "q=$2" \
+        ${3:+--data-urlencode "db=$3"}
+}
+
+# start_nginx BIN PREFIX URL: nginx with PREFIX/nginx.conf, waits until URL answers.
+start_nginx() {
+    local bin=$1 prefix=$2 url=$3
+    mkdir -p "$prefix/logs"
+    "$bin" -p "$prefix/" -c "$prefix/nginx.conf" &
+    pids+=($!)
+    for _ in $(seq 1 100); do
+        curl -s -o /dev/null "$url" && return 0
+        sleep 0.1
+    done
+    echo "nginx did not start; see $prefix/logs/error.log" >&2
+    return 1
+}
