@@ -398,7 +398,9 @@ unsafe extern "C" fn chunk_done(r: *mut ngx_http_request_t) {
             return; // not finished yet
         };
         let outcome = ChunkOutcome::from_status(ok, status);
-        if outcome == ChunkOutcome::Failed {
+        // A 413 on a single line cannot be split further: that line fails.
+        let single_too_large = outcome == ChunkOutcome::TooLarge && chunk.len() == 1;
+        if outcome == ChunkOutcome::Failed || single_too_large {
             let message = std::mem::take(&mut batch.sink_message);
             let detail = match (status, message.as_str()) {
                 (0, _) => "no answer from the sink".to_string(),

@@ -49,15 +49,15 @@ pub enum Expected {
     Str(String),
 }
 
-/// Measurement, tags (sanitized, InfluxDB 1.6 view) and fields the point for `beacon` must have.
-pub fn expected_point(
-    beacon: &Beacon,
-    measurements: &Measurements,
-) -> (
+/// A point as expected: measurement, tags (sanitized, InfluxDB 1.6 view) and fields.
+pub type ExpectedPoint = (
     String,
     Vec<(&'static str, String)>,
     Vec<(&'static str, Expected)>,
-) {
+);
+
+/// The point `beacon` must become.
+pub fn expected_point(beacon: &Beacon, measurements: &Measurements) -> ExpectedPoint {
     let common = beacon.common();
     let timezone = common.timezone.map(|tz| tz.to_string());
     let (measurement, tags, fields) = match beacon {
