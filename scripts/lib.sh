@@ -32,6 +32,9 @@ bind-address = "127.0.0.1:$rpc_port"
   dir = "$dir/data"
   wal-dir = "$dir/wal"
   query-log-enabled = false
+  # Every session is a new value of the sess tag: lift the default limit of 100,000
+  # values per tag (it would refuse writes after 100,000 sessions).
+  max-values-per-tag = 0
 [http]
   bind-address = "127.0.0.1:$http_port"
   log-enabled = false

@@ -86,6 +86,8 @@ struct Sink {
     uri: String,
     open: *mut Batch,
     in_flight: usize,
+    /// Beacons refused since the last report (all write slots busy, open batch full).
+    refused: usize,
 }
 
 thread_local! {
@@ -103,6 +105,7 @@ fn with_sink<T>(uri: &str, f: impl FnOnce(&mut Sink) -> T) -> T {
                     uri: uri.to_string(),
                     open: ptr::null_mut(),
                     in_flight: 0,
+                    refused: 0,
                 });
                 sinks.len() - 1
             }
@@ -147,7 +150,11 @@ pub fn submit(
         }
     });
     let batch: *mut Batch = match open {
-        Err(()) => return Submitted::Full,
+        Err(()) => {
+            // Reported once per finished write, not per beacon (see `finish`).
+            with_sink(uri, |sink| sink.refused += 1);
+            return Submitted::Full;
+        }
         Ok(Some(batch)) => batch,
         Ok(None) => {
             let batch = Box::into_raw(Box::new(Batch {
@@ -447,8 +454,9 @@ fn log_failed_chunk(request: &Request, batch: &Batch, points: usize, detail: &st
 fn finish(batch: *mut Batch) {
     // SAFETY: callers pass a live batch, which is freed here.
     let batch = unsafe { Box::from_raw(batch) };
-    with_sink(&batch.uri, |sink| {
-        sink.in_flight = sink.in_flight.saturating_sub(1)
+    let refused = with_sink(&batch.uri, |sink| {
+        sink.in_flight = sink.in_flight.saturating_sub(1);
+        std::mem::take(&mut sink.refused)
     });
     let mut leader_request = ptr::null_mut();
     for member in &batch.members {
@@ -467,6 +475,18 @@ fn finish(batch: *mut Batch) {
         }
     }
     flush_open_batch(&batch.uri);
+    if refused > 0 {
+        // SAFETY: the leader ctx is live (this runs in the leader's request).
+        if let Some(log) = unsafe { (*batch.leader).wake.log.as_mut() } {
+            let uri = &batch.uri;
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                log,
+                "analytics: write to \"{uri}\" refused {refused} point(s): all \
+                 {MAX_WRITES_IN_FLIGHT} write slots were busy and the batch was full"
+            );
+        }
+    }
     drop(batch);
     if !leader_request.is_null() {
         // SAFETY: the leader request is live (this runs in its write handler).

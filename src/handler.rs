@@ -15,7 +15,7 @@ use ngx::ffi::{
     ngx_http_output_filter, ngx_http_read_client_request_body, ngx_http_request_t,
     ngx_http_send_header, ngx_int_t, ngx_pcalloc, ngx_process_slot, ngx_read_file, ngx_str_t,
     ngx_uint_t, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_OPTIONS, NGX_HTTP_POST,
-    NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_ERR, NGX_LOG_INFO,
+    NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_INFO,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
 use ngx::ngx_log_error;
@@ -267,13 +267,6 @@ fn process_beacon(request: &mut Request) -> ngx_int_t {
             send_response(request, status::NO_CONTENT, "")
         }
         Submitted::Full => {
-            ngx_log_error!(
-                NGX_LOG_ERR,
-                request.log(),
-                "analytics: write to \"{uri}\" failed: {} writes in flight and the batch is \
-                 full, 1 point(s) not stored",
-                batch::MAX_WRITES_IN_FLIGHT
-            );
             record(request, outcome::WRITE_FAILED, "");
             match mode {
                 WriteMode::Wait => send_response(request, status::BAD_GATEWAY, WRITE_FAILED),

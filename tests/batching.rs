@@ -207,9 +207,13 @@ fn with_every_write_slot_busy_and_the_batch_full_further_beacons_get_502() {
     );
     let lines: usize = sessions_per_write(&sink).iter().map(Vec::len).sum();
     assert_eq!(lines, 9, "refused beacons are not written");
-    assert!(nginx
-        .error_log()
-        .contains("writes in flight and the batch is full"));
+    let log = nginx.error_log();
+    let report = "refused 4 point(s): all 4 write slots were busy and the batch was full";
+    assert_eq!(
+        log.matches(report).count(),
+        1,
+        "reported once, with the count: {log}"
+    );
 }
 
 #[test]
