@@ -15,6 +15,8 @@ use common::{free_port, post, FakeSink, Influx, Nginx, NginxOptions, Response};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn conf(port: u16, sink_port: u16, endpoint_extra: &str) -> String {
+    let write_location =
+        common::write_location("http://sink/write?db=analytics&precision=ns", "5s");
     format!(
         r#"
 upstream sink {{
@@ -28,16 +30,7 @@ server {{
         analytics;
         {endpoint_extra}
     }}
-    location = /_analytics/write {{
-        internal;
-        proxy_pass http://sink/write?db=analytics&precision=ns;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_pass_request_headers off;
-        proxy_ignore_client_abort on;
-        proxy_connect_timeout 2s;
-        proxy_read_timeout 5s;
-    }}
+{write_location}
 }}
 "#
     )

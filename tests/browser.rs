@@ -98,6 +98,8 @@ impl Site {
             std::fs::write(&file, html.replace("@PORT@", &port.to_string()))
                 .expect("writing a page");
         }
+        let write_location =
+            common::write_location(&format!("http://influxdb/write?db={DB}&precision=ns"), "5s");
         let conf = format!(
             r#"
 upstream influxdb {{
@@ -121,16 +123,7 @@ server {{
     location /app/ {{
         try_files /app.html =404;
     }}
-    location = /_analytics/write {{
-        internal;
-        proxy_pass http://influxdb/write?db={DB}&precision=ns;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_pass_request_headers off;
-        proxy_ignore_client_abort on;
-        proxy_connect_timeout 2s;
-        proxy_read_timeout 5s;
-    }}
+{write_location}
 }}
 "#,
             root = root.path().display(),

@@ -20,6 +20,8 @@ const HOST: &str = "www.example.com";
 
 fn conf(port: u16, sink_port: u16) -> String {
     let e64 = "e".repeat(64);
+    let write_location =
+        common::write_location("http://sink/write?db=analytics&precision=ns", "2s");
     format!(
         r#"
 upstream sink {{
@@ -46,16 +48,7 @@ server {{
         client_body_buffer_size 64;
         client_body_in_file_only on;
     }}
-    location = /_analytics/write {{
-        internal;
-        proxy_pass http://sink/write?db=analytics&precision=ns;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_pass_request_headers off;
-        proxy_ignore_client_abort on;
-        proxy_connect_timeout 2s;
-        proxy_read_timeout 2s;
-    }}
+{write_location}
 }}
 "#
     )

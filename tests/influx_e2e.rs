@@ -19,6 +19,8 @@ fn start_nginx(influx_port: u16, endpoint_extra: &str) -> (Nginx, u16, FakeSink)
     audit.set_forward(Some(&format!("127.0.0.1:{influx_port}")));
     let influx_port = audit.port();
     let port = free_port();
+    let write_location =
+        common::write_location(&format!("http://influxdb/write?db={DB}&precision=ns"), "5s");
     let conf = format!(
         r#"
 upstream influxdb {{
@@ -33,16 +35,7 @@ server {{
         analytics;
         {endpoint_extra}
     }}
-    location = /_analytics/write {{
-        internal;
-        proxy_pass http://influxdb/write?db={DB}&precision=ns;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_pass_request_headers off;
-        proxy_ignore_client_abort on;
-        proxy_connect_timeout 2s;
-        proxy_read_timeout 5s;
-    }}
+{write_location}
 }}
 "#
     );

@@ -18,6 +18,8 @@ const WAIT: Duration = Duration::from_secs(5);
 /// proxying to `sink`. `server_extra` and `endpoint_extra` are added to the server and the
 /// endpoint location.
 fn analytics_conf(port: u16, sink_port: u16, server_extra: &str, endpoint_extra: &str) -> String {
+    let write_location =
+        common::write_location("http://sink/write?db=analytics&precision=ns", "2s");
     format!(
         r#"
 upstream sink {{
@@ -33,16 +35,7 @@ server {{
         analytics;
         {endpoint_extra}
     }}
-    location = /_analytics/write {{
-        internal;
-        proxy_pass http://sink/write?db=analytics&precision=ns;
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_pass_request_headers off;
-        proxy_ignore_client_abort on;
-        proxy_connect_timeout 2s;
-        proxy_read_timeout 2s;
-    }}
+{write_location}
 }}
 "#
     )

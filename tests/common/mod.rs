@@ -147,3 +147,21 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The internal location the module writes to, set up as in nginx-conf/nginx.conf: proxying to
+/// `target` (URL with path and query), no client header forwarded, keepalive to the upstream,
+/// and `read_timeout` for the sink's answer.
+pub fn write_location(target: &str, read_timeout: &str) -> String {
+    format!(
+        r#"    location = /_analytics/write {{
+        internal;
+        proxy_pass {target};
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_pass_request_headers off;
+        proxy_ignore_client_abort on;
+        proxy_connect_timeout 2s;
+        proxy_read_timeout {read_timeout};
+    }}"#
+    )
+}
