@@ -2,6 +2,7 @@
 //! the whole suite proves that what the module sends to the sink carries nothing about the
 //! visitor: no client header, address, cookie, user agent, query string or referrer path.
 
+use super::points::{split_lines, Point};
 use super::sink::CapturedRequest;
 
 /// The only headers nginx may send to the sink for a write (the internal location sets
@@ -39,59 +40,30 @@ pub fn violations(request: &CapturedRequest) -> Vec<String> {
         }
     }
     let body = String::from_utf8_lossy(&request.body);
-    for line in body.lines() {
-        for tag in tag_values(line, "page") {
-            if tag.contains('?') || tag.contains('#') {
-                found.push(format!("query or fragment in page tag {tag:?}"));
+    let lines = match split_lines(&body) {
+        Ok(lines) => lines,
+        Err(err) => return [found, vec![format!("unreadable write body: {err}")]].concat(),
+    };
+    for line in lines {
+        let point = match Point::parse(&line) {
+            Ok(point) => point,
+            Err(err) => {
+                found.push(format!("unreadable line {line:?}: {err}"));
+                continue;
             }
+        };
+        if let Some(page) = point
+            .tag("page")
+            .filter(|p| p.contains('?') || p.contains('#'))
+        {
+            found.push(format!("query or fragment in page tag {page:?}"));
         }
-        for tag in tag_values(line, "referrer") {
-            if tag.contains('/') || tag.contains('?') || tag.contains('@') {
-                found.push(format!("more than a host in referrer tag {tag:?}"));
-            }
+        let referrer = point.tag("referrer");
+        if let Some(host) =
+            referrer.filter(|r| r.contains('/') || r.contains('?') || r.contains('@'))
+        {
+            found.push(format!("more than a host in referrer tag {host:?}"));
         }
     }
     found
-}
-
-/// The (still escaped) values of tag `key` in one line of line protocol.
-fn tag_values<'a>(line: &'a str, key: &str) -> Vec<&'a str> {
-    let series = series_key(line);
-    let needle = format!(",{key}=");
-    let mut values = Vec::new();
-    let mut rest = series;
-    while let Some(at) = rest.find(&needle) {
-        let value = &rest[at + needle.len()..];
-        let end = unescaped_comma(value).unwrap_or(value.len());
-        values.push(&value[..end]);
-        rest = &value[end..];
-    }
-    values
-}
-
-/// The measurement and tag set: the line up to its first unescaped space.
-fn series_key(line: &str) -> &str {
-    let bytes = line.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\\' => i += 2,
-            b' ' => return &line[..i],
-            _ => i += 1,
-        }
-    }
-    line
-}
-
-fn unescaped_comma(value: &str) -> Option<usize> {
-    let bytes = value.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'\\' => i += 2,
-            b',' => return Some(i),
-            _ => i += 1,
-        }
-    }
-    None
 }
