@@ -316,6 +316,21 @@ impl Nginx {
         read_lossy(&self.prefix().join("logs/access.log"))
     }
 
+    /// Asserts that the error log shows no crash: no `[alert]`, `[crit]`, `[emerg]`, worker
+    /// exit on a signal, or Rust panic.
+    pub fn assert_no_crash_in_log(&self) {
+        let log = self.error_log();
+        for bad in [
+            "[alert]",
+            "[crit]",
+            "[emerg]",
+            "exited on signal",
+            "panicked",
+        ] {
+            assert!(!log.contains(bad), "{bad} in the error log:\n{log}");
+        }
+    }
+
     /// Polls the error log until it contains `needle` or `timeout` passes.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         wait_until(timeout, || self.error_log().contains(needle))
