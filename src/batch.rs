@@ -10,6 +10,11 @@
 //! - when its leader's timer fires `delay=` after it opened (a slow write does not hold lines
 //!   back longer than that; at most [`MAX_WRITES_IN_FLIGHT`] writes run in parallel).
 //!
+//! When all write slots are busy and the open batch is full, a beacon *waits for room*: its
+//! request parks with its line (not yet in any batch) until a write finishes, then submits
+//! again. Nothing is refused or dropped; an overloaded sink slows the answers down instead, and
+//! memory stays bounded by the batch limits plus one line per waiting connection.
+//!
 //! In `wait` mode every beacon of the batch (leader and members) stays parked until the write
 //! that holds its line was answered: 204 when the sink stored it, 502 when not. In
 //! `background` mode a beacon is answered 204 at once (the leader's request then stays open,
@@ -37,11 +42,13 @@ use ngx::ngx_log_error;
 
 use crate::conf::WriteMode;
 use crate::core::batch::{BatchLimits, ChunkOutcome, LineBatch, WritePlan};
-use crate::handler::{answer_write_outcome, no_panic, request_ctx_ptr, send_response, RequestCtx};
+use crate::handler::{
+    answer_write_outcome, no_panic, request_ctx_ptr, resubmit, send_response, RequestCtx, NGX_DONE,
+};
 use crate::subrequest::{response_body, start_write};
 
-/// Most writes to one URI a worker runs at the same time; while this many are in flight, a
-/// full batch refuses further beacons (502 in `wait` mode) instead of growing.
+/// Most writes to one URI a worker runs at the same time; while this many are in flight and
+/// the open batch is full, further beacons wait for room instead of growing the batch.
 pub const MAX_WRITES_IN_FLIGHT: usize = 4;
 
 /// Where a batch is in its life.
@@ -86,8 +93,8 @@ struct Sink {
     uri: String,
     open: *mut Batch,
     in_flight: usize,
-    /// Beacons refused since the last report (all write slots busy, open batch full).
-    refused: usize,
+    /// Requests waiting for room (all write slots busy, open batch full), oldest first.
+    waiting: Vec<*mut RequestCtx>,
 }
 
 thread_local! {
@@ -105,7 +112,7 @@ fn with_sink<T>(uri: &str, f: impl FnOnce(&mut Sink) -> T) -> T {
                     uri: uri.to_string(),
                     open: ptr::null_mut(),
                     in_flight: 0,
-                    refused: 0,
+                    waiting: Vec::new(),
                 });
                 sinks.len() - 1
             }
@@ -120,8 +127,6 @@ pub enum Submitted {
     Parked,
     /// Queued and answered at once (`background` mode): finalize with 204 now.
     Queued,
-    /// Refused: too many writes in flight and the open batch is full.
-    Full,
     /// nginx refused an allocation.
     Error,
 }
@@ -151,9 +156,12 @@ pub fn submit(
     });
     let batch: *mut Batch = match open {
         Err(()) => {
-            // Reported once per finished write, not per beacon (see `finish`).
-            with_sink(uri, |sink| sink.refused += 1);
-            return Submitted::Full;
+            if !park(r, ctx_ref, ptr::null_mut()) {
+                return Submitted::Error;
+            }
+            ctx_ref.waiting_line = line.to_vec();
+            with_sink(uri, |sink| sink.waiting.push(ctx));
+            return Submitted::Parked;
         }
         Ok(Some(batch)) => batch,
         Ok(None) => {
@@ -215,12 +223,15 @@ pub fn submit(
 /// Prepares a request to wait on `batch`: its wake-up event, and the pool cleanup that
 /// detaches it from the batch if the request goes away first.
 fn park(r: *mut ngx_http_request_t, ctx: &mut RequestCtx, batch: *mut Batch) -> bool {
-    // SAFETY: `r` is the valid request; the cleanup entry comes from its pool (NULL checked).
-    let Some(cleanup) = (unsafe { ngx_pool_cleanup_add((*r).pool, 0).as_mut() }) else {
-        return false;
-    };
-    cleanup.handler = Some(request_gone);
-    cleanup.data = ptr::from_mut(ctx).cast::<c_void>();
+    if ctx.request.is_null() {
+        // First time this request parks (a waiting request parks again when it resubmits).
+        // SAFETY: `r` is the valid request; the cleanup entry comes from its pool (NULL checked).
+        let Some(cleanup) = (unsafe { ngx_pool_cleanup_add((*r).pool, 0).as_mut() }) else {
+            return false;
+        };
+        cleanup.handler = Some(request_gone);
+        cleanup.data = ptr::from_mut(ctx).cast::<c_void>();
+    }
     ctx.request = r;
     ctx.batch = batch;
     ctx.wake.handler = Some(wake_up);
@@ -313,6 +324,14 @@ fn woken(r: *mut ngx_http_request_t, timed_out: bool) {
             Stage::Open | Stage::Writing => {}
         },
         Some(_) => {}
+        None if !ctx_ref.waiting_line.is_empty() => {
+            let line = std::mem::take(&mut ctx_ref.waiting_line);
+            let rc = resubmit(request, &line);
+            if rc != NGX_DONE {
+                // SAFETY: the waiting request is answered here, once.
+                unsafe { ngx_http_finalize_request(r, rc) };
+            }
+        }
         None if ctx_ref.write_finished => {
             let rc = answer_write_outcome(request);
             // SAFETY: the member's write finished; this finalizes its request once.
@@ -454,9 +473,8 @@ fn log_failed_chunk(request: &Request, batch: &Batch, points: usize, detail: &st
 fn finish(batch: *mut Batch) {
     // SAFETY: callers pass a live batch, which is freed here.
     let batch = unsafe { Box::from_raw(batch) };
-    let refused = with_sink(&batch.uri, |sink| {
-        sink.in_flight = sink.in_flight.saturating_sub(1);
-        std::mem::take(&mut sink.refused)
+    with_sink(&batch.uri, |sink| {
+        sink.in_flight = sink.in_flight.saturating_sub(1)
     });
     let mut leader_request = ptr::null_mut();
     for member in &batch.members {
@@ -475,18 +493,7 @@ fn finish(batch: *mut Batch) {
         }
     }
     flush_open_batch(&batch.uri);
-    if refused > 0 {
-        // SAFETY: the leader ctx is live (this runs in the leader's request).
-        if let Some(log) = unsafe { (*batch.leader).wake.log.as_mut() } {
-            let uri = &batch.uri;
-            ngx_log_error!(
-                NGX_LOG_ERR,
-                log,
-                "analytics: write to \"{uri}\" refused {refused} point(s): all \
-                 {MAX_WRITES_IN_FLIGHT} write slots were busy and the batch was full"
-            );
-        }
-    }
+    wake_waiting(&batch.uri);
     drop(batch);
     if !leader_request.is_null() {
         // SAFETY: the leader request is live (this runs in its write handler).
@@ -513,13 +520,18 @@ unsafe extern "C" fn request_gone(data: *mut c_void) {
             // SAFETY: the event is in the posted queue.
             unsafe { ngx_delete_posted_event(&mut ctx.wake) };
         }
+        let me = ptr::from_mut(ctx);
+        SINKS.with(|sinks| {
+            for sink in sinks.borrow_mut().iter_mut() {
+                sink.waiting.retain(|waiting| *waiting != me);
+            }
+        });
         let batch = ctx.batch;
         ctx.batch = ptr::null_mut();
         // SAFETY: NULL or a live batch.
         let Some(batch_ref) = (unsafe { batch.as_mut() }) else {
             return;
         };
-        let me = ptr::from_mut(ctx);
         if batch_ref.leader != me {
             for member in batch_ref.members.iter_mut().filter(|m| m.ctx == me) {
                 member.ctx = ptr::null_mut();
@@ -566,4 +578,17 @@ fn leader_gone(batch: *mut Batch) {
         unsafe { ngx_post_event(&mut ctx.wake, ptr::addr_of_mut!(ngx_posted_events)) };
     }
     flush_open_batch(&batch.uri);
+    wake_waiting(&batch.uri);
+}
+
+/// A write slot came free: lets every request waiting for room submit its line again (each in
+/// its own context, oldest first; those that still find no room wait again).
+fn wake_waiting(uri: &str) {
+    for ctx in with_sink(uri, |sink| std::mem::take(&mut sink.waiting)) {
+        // SAFETY: waiting requests are live: their cleanup removes them from the list.
+        if let Some(ctx) = unsafe { ctx.as_mut() } {
+            // SAFETY: the waiting request's live wake-up event.
+            unsafe { ngx_post_event(&mut ctx.wake, ptr::addr_of_mut!(ngx_posted_events)) };
+        }
+    }
 }

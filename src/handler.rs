@@ -21,7 +21,7 @@ use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
 use ngx::ngx_log_error;
 
 use crate::batch::{self, Batch, Submitted};
-use crate::conf::WriteMode;
+use crate::conf::AnalyticsLocConf;
 use crate::core::beacon::parse_beacon;
 use crate::core::bots::is_bot;
 use crate::core::line_protocol::encode_point;
@@ -47,6 +47,8 @@ pub struct RequestCtx {
     pub write_failed: bool,
     /// `background` mode leader: the code of the 204 already sent.
     pub early_answer: Option<ngx_int_t>,
+    /// The line of a request waiting for room in a batch (empty otherwise).
+    pub waiting_line: Vec<u8>,
     /// `$analytics_status`: one of the [`outcome`] tokens.
     pub outcome: &'static str,
     /// `$analytics_reason`: why the beacon was refused (empty when it was not).
@@ -67,6 +69,7 @@ impl Default for RequestCtx {
             write_finished: false,
             write_failed: false,
             early_answer: None,
+            waiting_line: Vec::new(),
             outcome: outcome::INCOMPLETE,
             reason: String::new(),
             event: String::new(),
@@ -259,24 +262,33 @@ fn process_beacon(request: &mut Request) -> ngx_int_t {
     let mut line = Vec::with_capacity(256 + body.len());
     encode_point(&beacon, lcf.measurements(), timestamp, &mut line);
 
-    let mode = lcf.write_mode();
-    match batch::submit(request, uri, &line, mode, lcf.batch_limits()) {
+    queue_line(request, lcf, uri, &line)
+}
+
+/// Hands an encoded line to the batch for `uri`; returns the code to finalize the request with,
+/// or `NGX_DONE` when its batch (or a wait for room) will finish it.
+fn queue_line(request: &mut Request, lcf: &AnalyticsLocConf, uri: &str, line: &[u8]) -> ngx_int_t {
+    match batch::submit(request, uri, line, lcf.write_mode(), lcf.batch_limits()) {
         Submitted::Parked => NGX_DONE,
         Submitted::Queued => {
             record(request, outcome::ACCEPTED, "");
             send_response(request, status::NO_CONTENT, "")
         }
-        Submitted::Full => {
-            record(request, outcome::WRITE_FAILED, "");
-            match mode {
-                WriteMode::Wait => send_response(request, status::BAD_GATEWAY, WRITE_FAILED),
-                WriteMode::Background => send_response(request, status::NO_CONTENT, ""),
-            }
-        }
         Submitted::Error => {
             record(request, outcome::ERROR, "");
             INTERNAL_ERROR
         }
+    }
+}
+
+/// Submits the line of a request that waited for room in a batch, again.
+pub fn resubmit(request: &mut Request, line: &[u8]) -> ngx_int_t {
+    match HttpAnalyticsModule::location_conf(request) {
+        Some(lcf) => match lcf.write_uri() {
+            Some(uri) => queue_line(request, lcf, uri, line),
+            None => INTERNAL_ERROR,
+        },
+        None => INTERNAL_ERROR,
     }
 }
 
