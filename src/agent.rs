@@ -130,13 +130,17 @@ unsafe fn push_header(
 ) -> Option<*mut ngx_table_elt_t> {
     // SAFETY: the caller guarantees `r`; nginx returns NULL on allocation failure.
     let header = unsafe { ngx_list_push(&mut (*r).headers_out.headers) }.cast::<ngx_table_elt_t>();
-    // SAFETY: a non-NULL element of the header list, exclusively ours to fill in.
-    let element = unsafe { header.as_mut() }?;
+    if header.is_null() {
+        return None;
+    }
+    // SAFETY: a fresh, exclusively ours element of the header list. Zeroing it first clears
+    // every field, including `next` (nginx >= 1.23 only), so this builds against both.
+    unsafe { ptr::write_bytes(header, 0, 1) };
+    // SAFETY: as above, now initialized.
+    let element = unsafe { &mut *header };
     element.hash = 1;
     element.key = static_str(key);
     element.value = static_str(value);
-    element.lowcase_key = ptr::null_mut();
-    element.next = ptr::null_mut();
     Some(header)
 }
 
