@@ -469,3 +469,41 @@ fn a_leader_whose_client_went_away_still_writes_its_batch() {
     );
     assert_eq!(all.len(), 10);
 }
+
+#[test]
+fn beacons_multiplexed_on_one_http2_connection_share_batches() {
+    let sink = FakeSink::start();
+    let port = free_port();
+    let conf = conf(port, sink.port(), "analytics_drop_bots off;").replace(
+        &format!("listen 127.0.0.1:{port};"),
+        &format!("listen 127.0.0.1:{port};\n    http2 on;"),
+    );
+    let _nginx = Nginx::start(&conf);
+    sink.set_delay(Duration::from_millis(20));
+    let dir = common::TestDir::new("h2");
+    let body = dir.path().join("beacon.json");
+    // h2 clients send :authority, so the beacon names the host the client connects to.
+    std::fs::write(&body, r#"{"domain":"127.0.0.1","page":"/h2"}"#).unwrap();
+    let output = std::process::Command::new("h2load")
+        .args(["-n", "500", "-c", "1", "-m", "32", "-d"])
+        .arg(&body)
+        .arg(format!("http://127.0.0.1:{port}/collect"))
+        .output()
+        .expect("h2load (Debian package nghttp2-client) must be installed");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        report.contains("status codes: 500 2xx, 0 3xx, 0 4xx, 0 5xx"),
+        "500 streams on one connection, all answered 204:\n{report}"
+    );
+    let writes = sink.requests();
+    let lines: usize = writes
+        .iter()
+        .map(|w| w.body.split(|b| *b == b'\n').count() - 1)
+        .sum();
+    assert_eq!(lines, 500, "every beacon written once");
+    assert!(
+        writes.len() < 100,
+        "streams of one connection share writes: {}",
+        writes.len()
+    );
+}
