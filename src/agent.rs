@@ -9,12 +9,12 @@ use std::ptr;
 
 use ngx::ffi::{
     ngx_buf_t, ngx_chain_t, ngx_http_discard_request_body, ngx_http_output_filter,
-    ngx_http_request_t, ngx_http_send_header, ngx_int_t, ngx_list_push, ngx_pcalloc, ngx_str_t,
+    ngx_http_request_t, ngx_http_send_header, ngx_int_t, ngx_list_push, ngx_pcalloc,
     ngx_table_elt_t, ngx_uint_t, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR,
 };
 use ngx::http::Request;
 
-use crate::handler::{no_panic, send_response, NGX_ERROR, NGX_OK};
+use crate::handler::{ngx_string_static, no_panic, send_response, NGX_ERROR, NGX_OK};
 
 /// The agent's source, served byte for byte.
 pub static AGENT_JS: &[u8] = include_bytes!("../agent/analytics.js");
@@ -93,7 +93,7 @@ fn serve_agent(request: &mut Request) -> ngx_int_t {
             return NGX_ERROR;
         }
         (*r).headers_out.status = 200;
-        (*r).headers_out.content_type = static_str(CONTENT_TYPE);
+        (*r).headers_out.content_type = ngx_string_static(CONTENT_TYPE);
         (*r).headers_out.content_type_len = CONTENT_TYPE.len();
         (*r).headers_out.content_length_n = AGENT_JS.len() as i64;
     }
@@ -109,13 +109,6 @@ fn serve_agent(request: &mut Request) -> ngx_int_t {
         // SAFETY: a chain from the request pool describing static memory.
         Some(chain) => unsafe { ngx_http_output_filter(r, chain) },
         None => NGX_ERROR,
-    }
-}
-
-fn static_str(bytes: &'static [u8]) -> ngx_str_t {
-    ngx_str_t {
-        len: bytes.len(),
-        data: bytes.as_ptr().cast_mut(),
     }
 }
 
@@ -139,8 +132,8 @@ unsafe fn push_header(
     // SAFETY: as above, now initialized.
     let element = unsafe { &mut *header };
     element.hash = 1;
-    element.key = static_str(key);
-    element.value = static_str(value);
+    element.key = ngx_string_static(key);
+    element.value = ngx_string_static(value);
     Some(header)
 }
 

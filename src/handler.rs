@@ -523,7 +523,7 @@ pub fn body_chain(request: &Request, bytes: &[u8]) -> Option<*mut ngx_chain_t> {
 }
 
 /// An `ngx_str_t` pointing at static bytes (nginx only reads header strings).
-fn ngx_string_static(bytes: &'static [u8]) -> ngx_str_t {
+pub fn ngx_string_static(bytes: &'static [u8]) -> ngx_str_t {
     ngx_str_t {
         len: bytes.len(),
         data: bytes.as_ptr().cast_mut(),

@@ -13,12 +13,13 @@ use std::ffi::c_void;
 use std::ptr;
 
 use ngx::ffi::{
-    ngx_alloc_chain_link, ngx_buf_t, ngx_http_post_subrequest_pt, ngx_http_post_subrequest_t,
-    ngx_http_request_body_t, ngx_http_request_t, ngx_http_subrequest, ngx_pcalloc, ngx_pnalloc,
-    ngx_str_t, ngx_uint_t, NGX_HTTP_POST, NGX_HTTP_SUBREQUEST_IN_MEMORY,
-    NGX_HTTP_SUBREQUEST_WAITED,
+    ngx_http_post_subrequest_pt, ngx_http_post_subrequest_t, ngx_http_request_body_t,
+    ngx_http_request_t, ngx_http_subrequest, ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_HTTP_POST,
+    NGX_HTTP_SUBREQUEST_IN_MEMORY, NGX_HTTP_SUBREQUEST_WAITED,
 };
 use ngx::http::Request;
+
+use crate::handler::body_chain;
 
 static POST_METHOD_NAME: &[u8] = b"POST";
 
@@ -49,38 +50,8 @@ pub fn start_write(
     on_done: PostSubrequestHandler,
     data: *mut c_void,
 ) -> Result<(), SubrequestError> {
-    let pool = request.pool().as_ptr();
-
-    // SAFETY: allocation from the valid request pool; NULL is checked.
-    let body = unsafe { ngx_pnalloc(pool, lines.len()) }.cast::<u8>();
-    if body.is_null() {
-        return Err(SubrequestError);
-    }
-    // SAFETY: `body` has room for `lines.len()` bytes and does not overlap `lines`.
-    unsafe { ptr::copy_nonoverlapping(lines.as_ptr(), body, lines.len()) };
-
-    let buf = pool_calloc::<ngx_buf_t>(request)?;
-    // SAFETY: `buf` is a zeroed buffer from the pool; it describes the copied lines in memory.
-    unsafe {
-        (*buf).start = body;
-        (*buf).pos = body;
-        // SAFETY (pointer arithmetic): one past the end of the `lines.len()`-byte allocation.
-        (*buf).last = body.add(lines.len());
-        (*buf).end = (*buf).last;
-        (*buf).set_memory(1);
-        (*buf).set_last_buf(1);
-        (*buf).set_last_in_chain(1);
-    }
-    // SAFETY: allocation from the valid request pool; NULL is checked.
-    let chain = unsafe { ngx_alloc_chain_link(pool) };
-    if chain.is_null() {
-        return Err(SubrequestError);
-    }
-    // SAFETY: `chain` is a valid, exclusively owned link.
-    unsafe {
-        (*chain).buf = buf;
-        (*chain).next = ptr::null_mut();
-    }
+    // A pool copy of the lines, as the one, last buffer of the subrequest's body.
+    let chain = body_chain(request, lines).ok_or(SubrequestError)?;
     let request_body = pool_calloc::<ngx_http_request_body_t>(request)?;
     // SAFETY: a zeroed request body (no temp file, no rest to read) holding our chain.
     unsafe { (*request_body).bufs = chain };
