@@ -29,6 +29,8 @@
 //! unescaped, a lone `\` is kept) and are compared with `sanitize_string_field(original)`
 //! directly.
 
+use std::borrow::Cow;
+
 use influxdb_line_protocol::{parse_lines, split_lines, FieldValue};
 
 use crate::core::beacon::{parse_beacon, Beacon};
@@ -273,7 +275,7 @@ pub fn check_point(beacon: &Beacon, measurements: &Measurements, ts: u64, line: 
 
 /// The whole property for one body: never panics on any input; an accepted beacon round-trips.
 /// Returns the beacon when it was accepted (for callers that compare it with what they sent).
-pub fn check_body(body: &[u8], measurements: &Measurements) -> Option<Beacon> {
+pub fn check_body<'a>(body: &'a [u8], measurements: &Measurements) -> Option<Beacon<'a>> {
     let beacon = match parse_beacon(body) {
         Ok(beacon) => beacon,
         Err(err) => {
@@ -709,7 +711,7 @@ mod props {
         let want_page = page.split(['?', '#']).next().unwrap();
         prop_assert_eq!(&common.page, want_page);
 
-        let nonempty = |key| s(key).filter(|v| !v.is_empty()).map(str::to_owned);
+        let nonempty = |key| s(key).filter(|v| !v.is_empty()).map(Cow::Borrowed);
         prop_assert_eq!(&common.platform, &nonempty("platform"));
         prop_assert_eq!(&common.sess_id, &nonempty("sess_id"));
 
