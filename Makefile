@@ -23,3 +23,4 @@ demo: deps
 
 bench: deps
 	./bench/run.sh
+	./bench/hotpath.sh

@@ -6,7 +6,14 @@
 //! for what sends beacons but is not in it (browser automation, HTTP libraries). All of it is
 //! compiled once into one case-insensitive automaton over bytes ([`BotMatcher`]): a check
 //! allocates nothing and never copies or lowercases the user agent.
+//!
+//! Running the automaton over a browser's user agent costs a few hundred nanoseconds, most of
+//! it cache misses on its states, while the user agents of real traffic repeat a lot. So
+//! [`is_bot`] first looks in a small per-thread table of verdicts for recently seen user agents
+//! ([`VerdictCache`]: each slot holds the whole user agent and is used only on an exact match, so
+//! it can never return another agent's verdict).
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use regex::bytes::{Regex, RegexBuilder};
@@ -89,10 +96,104 @@ pub fn matcher() -> Result<&'static BotMatcher, &'static str> {
         .map_err(String::as_str)
 }
 
-/// Whether `user_agent` is a bot, with the process-wide matcher (false if it failed to
-/// compile, which [`matcher`] reports at configuration time).
+/// Whether `user_agent` is a bot, with the process-wide matcher and this thread's verdict
+/// cache (false if the matcher failed to compile, which [`matcher`] reports at configuration
+/// time).
 pub fn is_bot(user_agent: &[u8]) -> bool {
-    matcher().is_ok_and(|m| m.is_bot(user_agent))
+    let Ok(matcher) = matcher() else {
+        return false;
+    };
+    VERDICTS.with(|cache| {
+        cache
+            .borrow_mut()
+            .verdict(user_agent, |ua| matcher.is_bot(ua))
+    })
+}
+
+thread_local! {
+    /// The verdict cache of this thread (an nginx worker has one thread).
+    static VERDICTS: RefCell<VerdictCache> = const { RefCell::new(VerdictCache::new()) };
+}
+
+/// Number of slots of a [`VerdictCache`].
+pub const CACHE_SLOTS: usize = 256;
+/// Longest user agent a [`VerdictCache`] keeps, in bytes; longer ones are always matched.
+pub const CACHE_MAX_LEN: usize = 254;
+
+/// Verdicts for recently seen user agents: a direct-mapped table of [`CACHE_SLOTS`] slots, each
+/// holding one user agent (whole) and its verdict. About 64 KiB, allocated on first use.
+pub struct VerdictCache {
+    slots: Vec<Slot>,
+}
+
+struct Slot {
+    /// Length of `user_agent`; 0 for an empty slot (an empty user agent is never stored).
+    len: u8,
+    bot: bool,
+    user_agent: [u8; CACHE_MAX_LEN],
+}
+
+impl Default for VerdictCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VerdictCache {
+    /// An empty cache (its table is allocated on first use).
+    pub const fn new() -> Self {
+        VerdictCache { slots: Vec::new() }
+    }
+
+    /// The verdict for `user_agent`: the cached one when its slot holds exactly these bytes,
+    /// otherwise `compute(user_agent)`, then stored in the slot. Empty user agents are not bots.
+    pub fn verdict(&mut self, user_agent: &[u8], compute: impl FnOnce(&[u8]) -> bool) -> bool {
+        let len = user_agent.len();
+        if len == 0 {
+            return false;
+        }
+        if len > CACHE_MAX_LEN {
+            return compute(user_agent);
+        }
+        if self.slots.is_empty() {
+            self.slots = (0..CACHE_SLOTS)
+                .map(|_| Slot {
+                    len: 0,
+                    bot: false,
+                    user_agent: [0; CACHE_MAX_LEN],
+                })
+                .collect();
+        }
+        let index = slot_index(user_agent);
+        let Some(slot) = self.slots.get_mut(index) else {
+            return compute(user_agent);
+        };
+        if usize::from(slot.len) == len && slot.user_agent[..len] == *user_agent {
+            return slot.bot;
+        }
+        let bot = compute(user_agent);
+        slot.user_agent[..len].copy_from_slice(user_agent);
+        // `len` is at most CACHE_MAX_LEN (254), so it fits.
+        slot.len = len as u8;
+        slot.bot = bot;
+        bot
+    }
+}
+
+/// The slot of `bytes`: the top bits of a multiplicative hash over 8-byte words.
+fn slot_index(bytes: &[u8]) -> usize {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mut hash = bytes.len() as u64;
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        hash = (hash.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+    }
+    let mut tail = [0u8; 8];
+    tail[..words.remainder().len()].copy_from_slice(words.remainder());
+    hash = (hash.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    (hash >> (64 - CACHE_SLOTS.trailing_zeros())) as usize
 }
 
 #[cfg(test)]
@@ -158,6 +259,56 @@ mod tests {
     fn bytes_that_are_not_utf8_are_matched_not_refused() {
         assert!(is_bot(b"curl/8.0 \xff\xfe"));
         assert!(!is_bot(b"Mozilla/5.0 \xff\xfe (Windows NT 10.0)"));
+    }
+
+    #[test]
+    fn cached_verdicts_are_the_matchers_verdicts() {
+        let matcher = matcher().unwrap();
+        let mut cache = VerdictCache::new();
+        let long_bot = format!("Mozilla/5.0 {} Googlebot/2.1", "x".repeat(300));
+        let long_browser = format!("Mozilla/5.0 {} Firefox/121.0", "x".repeat(300));
+        let mut agents: Vec<String> = lines("bots.txt");
+        agents.extend(lines("browsers-sample.txt").into_iter().take(3000));
+        agents.extend([long_bot, long_browser, String::new()]);
+        // Twice, so the second pass meets full slots: hits, and collisions of other agents.
+        for pass in 0..2 {
+            let mut computed = 0;
+            for ua in &agents {
+                let got = cache.verdict(ua.as_bytes(), |ua| {
+                    computed += 1;
+                    matcher.is_bot(ua)
+                });
+                assert_eq!(got, matcher.is_bot(ua.as_bytes()), "pass {pass}: {ua}");
+            }
+            assert!(
+                computed > CACHE_SLOTS,
+                "pass {pass}: only {computed} computed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_cached_agent_is_not_matched_again() {
+        let mut cache = VerdictCache::new();
+        let mut calls = 0;
+        for expected in [true, true, true] {
+            let got = cache.verdict(b"curl/8.5.0", |_| {
+                calls += 1;
+                true
+            });
+            assert_eq!(got, expected);
+        }
+        assert_eq!(calls, 1);
+        // A prefix or an extension of a cached agent is its own entry.
+        assert!(!cache.verdict(b"curl/8.5", |_| false));
+        assert!(!cache.verdict(b"curl/8.5.0 x", |_| false));
+        let others = [&b"curl/8.5"[..], &b"curl/8.5.0 x"[..]];
+        if others
+            .iter()
+            .all(|o| slot_index(o) != slot_index(b"curl/8.5.0"))
+        {
+            assert!(cache.verdict(b"curl/8.5.0", |_| panic!("matched again")));
+        }
     }
 
     #[test]
