@@ -29,8 +29,6 @@
 //! unescaped, a lone `\` is kept) and are compared with `sanitize_string_field(original)`
 //! directly.
 
-use std::borrow::Cow;
-
 use influxdb_line_protocol::{parse_lines, split_lines, FieldValue};
 
 use crate::core::beacon::{parse_beacon, Beacon};
@@ -304,6 +302,8 @@ pub fn check_body<'a>(body: &'a [u8], measurements: &Measurements) -> Option<Bea
 
 #[cfg(test)]
 mod props {
+    use std::borrow::Cow;
+
     use super::*;
     use crate::core::beacon::referrer_host;
 
