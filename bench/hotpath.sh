@@ -14,6 +14,11 @@
 #                   turn (from tests/fixtures/isbot/browsers-sample.txt)
 #   dry+bots many-ua  the same with `analytics_drop_bots on`: bot detection when the worker's
 #                   cache of recent verdicts (256 user agents) misses
+#   dry random-ua   dry path, `analytics_drop_bots off`, a new random 150-character user agent
+#                   per request (what a client can make bot detection cost)
+#   dry+bots random-ua  the same with `analytics_drop_bots on`
+# Where `perf stat` works (Debian's linux-perf, root), it also counts the worker's user-space
+# instructions per request, which a busy machine disturbs far less than CPU time.
 # Settings: HOTPATH_ROUNDS (default 5), HOTPATH_DURATION (s per case and round, 4),
 # HOTPATH_CONNECTIONS (32), HOTPATH_PORT (18190).
 set -euo pipefail
@@ -84,16 +89,24 @@ wrk.headers["Accept-Encoding"] = "gzip, deflate, br, zstd"
 wrk.headers["Origin"] = "https://www.example.com"
 wrk.headers["Referer"] = "https://www.example.com/posts/share.html"
 wrk.headers["Sec-Fetch-Mode"] = "no-cors"
--- With HOTPATH_UA_FILE, every request takes the next user agent of that file.
+-- With HOTPATH_UA_FILE, every request takes the next user agent of that file; with
+-- HOTPATH_UA_FILE=random, a new random one of 150 printable characters.
 local file = os.getenv("HOTPATH_UA_FILE")
 if file and file ~= "" then
     local agents, i = {}, 0
-    for line in io.lines(file) do agents[#agents + 1] = line end
+    if file ~= "random" then
+        for line in io.lines(file) do agents[#agents + 1] = line end
+    end
+    local function random_agent()
+        local chars = {}
+        for j = 1, 150 do chars[j] = string.char(math.random(33, 126)) end
+        return table.concat(chars)
+    end
     function request()
-        i = i % #agents + 1
+        i = i % math.max(#agents, 1) + 1
         local headers = {}
         for k, v in pairs(wrk.headers) do headers[k] = v end
-        headers["User-Agent"] = agents[i]
+        headers["User-Agent"] = agents[i] or random_agent()
         return wrk.format(nil, nil, headers)
     end
 end
@@ -102,12 +115,15 @@ head -n 4096 tests/fixtures/isbot/browsers-sample.txt > "$run/agents.txt"
 browser_ua="Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 bot_ua="Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 
-cases=(floor dry dry+bots "dry bot-ua" "dry+bots bot-ua" "dry many-ua" "dry+bots many-ua")
+cases=(floor dry dry+bots "dry bot-ua" "dry+bots bot-ua" "dry many-ua" "dry+bots many-ua"
+    "dry random-ua" "dry+bots random-ua")
 declare -A location=([floor]=floor [dry]=dry [dry+bots]=dry_bots ["dry bot-ua"]=dry
-    ["dry+bots bot-ua"]=dry_bots ["dry many-ua"]=dry ["dry+bots many-ua"]=dry_bots)
+    ["dry+bots bot-ua"]=dry_bots ["dry many-ua"]=dry ["dry+bots many-ua"]=dry_bots
+    ["dry random-ua"]=dry ["dry+bots random-ua"]=dry_bots)
 declare -A agent=([floor]=$browser_ua [dry]=$browser_ua [dry+bots]=$browser_ua
     ["dry bot-ua"]=$bot_ua ["dry+bots bot-ua"]=$bot_ua ["dry many-ua"]=$browser_ua
-    ["dry+bots many-ua"]=$browser_ua)
+    ["dry+bots many-ua"]=$browser_ua ["dry random-ua"]=$browser_ua
+    ["dry+bots random-ua"]=$browser_ua)
 
 # user and system CPU ticks of the worker (fields 14 and 15 of /proc/<pid>/stat; the fields are
 # counted after the ")" that closes the command name).
@@ -115,17 +131,30 @@ cpu_ticks() {
     sed 's/^.*) //' "/proc/$worker/stat" | awk '{ print $12, $13 }'
 }
 hz=$(getconf CLK_TCK)
+perf_stat=()
+# (Virtual machines often have no instruction counter: perf then says "<not supported>".)
+if perf stat -x, -e instructions:u -o "$run/perf.txt" true >/dev/null 2>&1 &&
+    grep -q '^[0-9]' "$run/perf.txt"; then
+    perf_stat=(perf stat -x, -e instructions:u -p "$worker" -o "$run/perf.txt" --)
+fi
 
-# run_case NAME SECONDS: prints "user_us_per_request sys_us_per_request requests_per_s".
+# run_case NAME SECONDS: prints "user_us_per_request sys_us_per_request requests_per_s
+# user_instructions_per_request" (the last is "-" without perf).
 run_case() {
-    local name=$1 seconds=$2 before after out requests
+    local name=$1 seconds=$2 before after out requests instructions=-
     before=$(cpu_ticks)
     local agents=""
     [[ $name == *many-ua ]] && agents="$run/agents.txt"
-    out=$(HOTPATH_UA=${agent[$name]} HOTPATH_UA_FILE=$agents "${pin_wrk[@]}" wrk -t1 -c"$connections" -d"${seconds}s" \
-        -s "$run/beacon.lua" "http://127.0.0.1:$port/${location[$name]}")
+    [[ $name == *random-ua ]] && agents=random
+    out=$(HOTPATH_UA=${agent[$name]} HOTPATH_UA_FILE=$agents "${perf_stat[@]}" "${pin_wrk[@]}" \
+        wrk -t1 -c"$connections" -d"${seconds}s" -s "$run/beacon.lua" \
+        "http://127.0.0.1:$port/${location[$name]}")
     after=$(cpu_ticks)
     requests=$(awk '/requests in/ { print $1 }' <<<"$out")
+    if [ ${#perf_stat[@]} -gt 0 ]; then
+        instructions=$(awk -F, -v n="$requests" '/instructions/ { printf "%.0f", $1 / n }' \
+            "$run/perf.txt")
+    fi
     if grep -q 'Non-2xx' <<<"$out"; then
         echo "case $name: unexpected answers:" >&2
         echo "$out" >&2
@@ -133,46 +162,60 @@ run_case() {
     fi
     awk -v b="$before" -v a="$after" -v n="$requests" -v hz="$hz" -v s="$seconds" 'BEGIN {
         split(b, x, " "); split(a, y, " ")
-        printf "%.3f %.3f %.0f\n", (y[1] - x[1]) * 1e6 / hz / n, (y[2] - x[2]) * 1e6 / hz / n, n / s
+        printf "%.3f %.3f %.0f", (y[1] - x[1]) * 1e6 / hz / n, (y[2] - x[2]) * 1e6 / hz / n, n / s
     }'
+    echo " $instructions"
 }
 
+# median of the numbers among the words on stdin ("-" when there are none).
 median() {
-    sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2];
-        else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+    tr ' ' '\n' | grep '^[0-9.]*[0-9]$' | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2];
+        else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }' || true
 }
 
 for name in "${cases[@]}"; do run_case "$name" 1 >/dev/null; done
-declare -A user sys rps
+declare -A user sys rps instr
 for round in $(seq 1 "$rounds"); do
     for name in "${cases[@]}"; do
-        read -r u s r < <(run_case "$name" "$duration")
+        read -r u s r i < <(run_case "$name" "$duration")
         user[$name]+="$u "
         sys[$name]+="$s "
         rps[$name]+="$r "
+        instr[$name]+="$i "
     done
     echo "round $round/$rounds done" >&2
 done
 
 echo "worker user CPU per request, median of $rounds rounds of ${duration}s (wrk -t1" \
     "-c$connections); 1 nginx worker; $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-16s %10s %10s %12s %10s   %s\n' case "user µs" "sys µs" "over floor" "req/s" \
-    "user µs per round"
-declare -A med
+printf '%-20s %9s %9s %11s %9s %11s %11s   %s\n' case "user µs" "sys µs" "over floor" "req/s" \
+    "user instr" "over floor" "user µs per round"
+declare -A med imed
 for name in "${cases[@]}"; do
-    med[$name]=$(tr ' ' '\n' <<<"${user[$name]}" | grep . | median)
+    med[$name]=$(median <<<"${user[$name]}")
+    imed[$name]=$(median <<<"${instr[$name]}")
 done
 for name in "${cases[@]}"; do
-    s=$(tr ' ' '\n' <<<"${sys[$name]}" | grep . | median)
-    r=$(tr ' ' '\n' <<<"${rps[$name]}" | grep . | median)
+    s=$(median <<<"${sys[$name]}")
+    r=$(median <<<"${rps[$name]}" | awk '{ printf "%.0f", $1 }')
     over=$(awk -v a="${med[$name]}" -v b="${med[floor]}" 'BEGIN { printf "%+.2f", a - b }')
-    printf '%-16s %10s %10s %12s %10s   %s\n' "$name" "${med[$name]}" "$s" "$over" "$r" \
-        "${user[$name]}"
+    iover=$(awk -v a="${imed[$name]}" -v b="${imed[floor]}" \
+        'BEGIN { if (a == "-") print "-"; else printf "%+d", a - b }')
+    printf '%-20s %9s %9s %11s %9s %11s %11s   %s\n' "$name" "${med[$name]}" "$s" "$over" "$r" \
+        "${imed[$name]}" "$iover" "${user[$name]}"
 done
-awk -v floor="${med[floor]}" -v dry="${med[dry]}" -v bots="${med[dry+bots]}" \
-    -v many="${med[dry many-ua]}" -v many_bots="${med[dry+bots many-ua]}" 'BEGIN {
-    printf "dry path over the floor (drop_bots off, browser):   %5.2f µs (target <= 1.0)\n", dry - floor
-    printf "dry path over the floor (drop_bots on, browser):    %5.2f µs (target <= 1.0)\n", bots - floor
-    printf "bot detection (drop_bots on - off, browser):        %5.2f µs (target <= 0.3)\n", bots - dry
-    printf "bot detection, 4,096 browsers in turn (cache miss): %5.2f µs\n", many_bots - many
-}'
+# summary NAME_OF_FIGURE CASE BASE_CASE TARGET: one line in µs (and instructions with perf).
+summary() {
+    awk -v what="$1" -v a="${med[$2]}" -v b="${med[$3]}" -v ia="${imed[$2]}" -v ib="${imed[$3]}" \
+        -v target="${4:-}" 'BEGIN {
+        printf "%-52s %5.2f µs", what ":", a - b
+        if (ia != "-") printf "  %6d instructions", ia - ib
+        if (target != "") printf "  (target <= %s µs)", target
+        printf "\n" }'
+}
+summary "dry path over the floor (drop_bots off, browser)" dry floor 1.0
+summary "dry path over the floor (drop_bots on, browser)" dry+bots floor 1.0
+summary "bot detection (drop_bots on - off, browser)" dry+bots dry 0.3
+summary "bot detection, 4,096 browsers in turn (cache miss)" "dry+bots many-ua" "dry many-ua"
+summary "bot detection, random user agents" "dry+bots random-ua" "dry random-ua"
