@@ -25,6 +25,7 @@ use std::sync::OnceLock;
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind};
 use regex::bytes::{Regex, RegexBuilder};
+use regex_syntax::hir::literal::{ExtractKind, Extractor};
 use regex_syntax::hir::HirKind;
 
 /// Version of the `isbot` crate whose pattern list is in `bots/isbot-patterns.txt`.
@@ -65,13 +66,26 @@ pub const EXTRA_PATTERNS: &[&str] = &[
 
 /// Every pattern, compiled: a user agent is a bot when any pattern matches anywhere in it,
 /// ASCII letters compared case-insensitively.
+///
+/// Most patterns are plain strings; they go into one Aho-Corasick automaton. Of every other
+/// pattern that can match anywhere, a few strings that each of its matches contains (its
+/// *triggers*, e.g. `bot` for `[ ]+bot`) go into the same automaton, and the pattern itself into
+/// the `triggered` regex, run only when a trigger was seen. Patterns anchored at the start, and
+/// any without a trigger, go into the `always` regex (the anchored ones stop after a few bytes).
+/// So a browser's user agent is scanned once by the automaton, built completely up front.
 #[derive(Debug)]
 pub struct BotMatcher {
-    /// The patterns that are plain strings.
+    /// Plain-string patterns (ids below `first_trigger`), then the triggers.
     strings: AhoCorasick,
-    /// The other patterns (anchored, with classes or wildcards), as one alternation.
-    others: Regex,
+    first_trigger: usize,
+    /// Patterns with triggers, run when one of their triggers occurs.
+    triggered: Regex,
+    /// Patterns checked on every user agent.
+    always: Regex,
 }
+
+/// Shortest trigger taken; a pattern whose triggers would be shorter is checked always.
+const MIN_TRIGGER_LEN: usize = 3;
 
 impl BotMatcher {
     /// Compiles isbot's patterns and [`EXTRA_PATTERNS`] (a few milliseconds).
@@ -79,7 +93,8 @@ impl BotMatcher {
         let error =
             |err: &dyn std::fmt::Display| format!("bot pattern list does not compile: {err}");
         let mut strings: Vec<Vec<u8>> = Vec::new();
-        let mut others: Vec<&str> = Vec::new();
+        let mut triggers: Vec<Vec<u8>> = Vec::new();
+        let (mut triggered, mut always): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
         let patterns = ISBOT_PATTERNS
             .lines()
             .map(str::trim_end)
@@ -93,32 +108,84 @@ impl BotMatcher {
                 .build()
                 .parse(pattern)
                 .map_err(|err| error(&err))?;
-            match hir.kind() {
-                HirKind::Literal(literal) if !literal.0.is_empty() => {
-                    strings.push(literal.0.to_vec())
+            if let HirKind::Literal(literal) = hir.kind() {
+                if literal.0.len() >= MIN_TRIGGER_LEN {
+                    strings.push(literal.0.to_vec());
+                    continue;
                 }
-                _ => others.push(pattern),
+            }
+            match pattern_triggers(&hir) {
+                Some(found) if !pattern.starts_with('^') => {
+                    triggers.extend(found);
+                    triggered.push(pattern);
+                }
+                _ => always.push(pattern),
             }
         }
+        let first_trigger = strings.len();
+        strings.extend(triggers);
         let strings = AhoCorasick::builder()
             .ascii_case_insensitive(true)
             .kind(Some(AhoCorasickKind::DFA))
             .build(&strings)
             .map_err(|err| error(&err))?;
-        let others = RegexBuilder::new(&others.join("|"))
-            .case_insensitive(true)
-            .unicode(false)
-            .build()
-            .map_err(|err| error(&err))?;
-        Ok(BotMatcher { strings, others })
+        let regex = |patterns: &[&str]| {
+            // An alternation of nothing would match everything: use one that never matches.
+            let pattern = match patterns.is_empty() {
+                true => r"[^\x00-\xff]".to_string(),
+                false => patterns.join("|"),
+            };
+            RegexBuilder::new(&pattern)
+                .case_insensitive(true)
+                .unicode(false)
+                .build()
+                .map_err(|err| error(&err))
+        };
+        Ok(BotMatcher {
+            strings,
+            first_trigger,
+            triggered: regex(&triggered)?,
+            always: regex(&always)?,
+        })
     }
 
     /// Whether `user_agent` belongs to a crawler or an automated client. An empty user agent
     /// is not taken as a bot (it proves nothing either way).
     pub fn is_bot(&self, user_agent: &[u8]) -> bool {
-        !user_agent.is_empty()
-            && (self.strings.is_match(user_agent) || self.others.is_match(user_agent))
+        if user_agent.is_empty() {
+            return false;
+        }
+        let mut triggered = false;
+        for found in self.strings.find_overlapping_iter(user_agent) {
+            if found.pattern().as_usize() < self.first_trigger {
+                return true;
+            }
+            triggered = true;
+        }
+        (triggered && self.triggered.is_match(user_agent)) || self.always.is_match(user_agent)
     }
+}
+
+/// Strings of which every match of `hir` contains one (all at least [`MIN_TRIGGER_LEN`]
+/// bytes), from its possible prefixes or suffixes, whichever give the longer shortest one.
+fn pattern_triggers(hir: &regex_syntax::hir::Hir) -> Option<Vec<Vec<u8>>> {
+    let mut best: Option<Vec<Vec<u8>>> = None;
+    for kind in [ExtractKind::Prefix, ExtractKind::Suffix] {
+        let mut extractor = Extractor::new();
+        extractor.kind(kind);
+        let Some(literals) = extractor.extract(hir).literals().map(<[_]>::to_vec) else {
+            continue;
+        };
+        let shortest = literals.iter().map(|l| l.as_bytes().len()).min();
+        if literals.is_empty() || shortest < Some(MIN_TRIGGER_LEN) {
+            continue;
+        }
+        let best_shortest = best.as_ref().and_then(|b| b.iter().map(Vec::len).min());
+        if best_shortest < shortest {
+            best = Some(literals.iter().map(|l| l.as_bytes().to_vec()).collect());
+        }
+    }
+    best
 }
 
 static MATCHER: OnceLock<Result<BotMatcher, String>> = OnceLock::new();
