@@ -6,7 +6,8 @@
 //! for what sends beacons but is not in it (browser automation, HTTP libraries). All of it is
 //! compiled once into case-insensitive automata over bytes ([`BotMatcher`]): the patterns that
 //! are plain strings (most of them) into one Aho-Corasick automaton, the others into two small
-//! regexes. A check allocates nothing and never copies or lowercases the user agent.
+//! regexes. A check never copies or lowercases the user agent, and allocates nothing once the
+//! regexes' lazily built DFAs have their states (they grow up to a fixed size, then reuse it).
 //!
 //! Why not one regex of every pattern: that is a lazily built DFA, fast on the user agents it
 //! has seen but slow on odd ones (random characters make it build new states: several
