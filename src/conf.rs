@@ -273,7 +273,11 @@ unsafe fn run_directive(
         return NGX_CONF_ERROR;
     };
     let mut directive = Directive { cf, args, conf };
-    match handler(&mut directive) {
+    // A panic must not unwind into nginx (it would abort the master on reload).
+    let result = crate::handler::no_panic(Err("failed (internal error)".to_string()), || {
+        handler(&mut directive)
+    });
+    match result {
         Ok(()) => NGX_CONF_OK,
         Err(message) => {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"{name}\" directive {message}");

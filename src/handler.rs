@@ -6,6 +6,7 @@
 //! line to the worker's batch for its write URI ([`crate::batch`]), which answers once the write
 //! is done. Every path finalizes the request exactly once, and no panic can cross into nginx.
 
+use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
@@ -14,14 +15,16 @@ use ngx::ffi::{
     ngx_buf_t, ngx_chain_t, ngx_event_t, ngx_http_discard_request_body, ngx_http_finalize_request,
     ngx_http_output_filter, ngx_http_read_client_request_body, ngx_http_request_t,
     ngx_http_send_header, ngx_int_t, ngx_pcalloc, ngx_process_slot, ngx_read_file, ngx_str_t,
-    ngx_uint_t, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_OPTIONS, NGX_HTTP_POST,
-    NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_INFO,
+    ngx_uint_t, NGX_HTTP_CLIENT_CLOSED_REQUEST, NGX_HTTP_FORBIDDEN, NGX_HTTP_INTERNAL_SERVER_ERROR,
+    NGX_HTTP_OPTIONS, NGX_HTTP_POST, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NGX_HTTP_SPECIAL_RESPONSE,
+    NGX_LOG_INFO,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
 use ngx::ngx_log_error;
 
 use crate::batch::{self, Batch, Submitted};
 use crate::conf::AnalyticsLocConf;
+use crate::core::batch::Ticket;
 use crate::core::beacon::parse_beacon;
 use crate::core::bots::is_bot;
 use crate::core::line_protocol::encode_point;
@@ -39,6 +42,8 @@ pub struct RequestCtx {
     pub request: *mut ngx_http_request_t,
     /// The batch this request waits on; NULL when none (or once the batch answered).
     pub batch: *mut Batch,
+    /// Its index among that batch's members.
+    pub member: usize,
     /// Wakes a parked request in its own context (posted), and times a leader's batch.
     pub wake: ngx_event_t,
     /// The write holding this request's line has finished.
@@ -49,6 +54,8 @@ pub struct RequestCtx {
     pub early_answer: Option<ngx_int_t>,
     /// The line of a request waiting for room in a batch (empty otherwise).
     pub waiting_line: Vec<u8>,
+    /// Where a request waiting for room waits: its sink's index and its place in the queue.
+    pub waiting_in: Option<(usize, Ticket)>,
     /// `$analytics_status`: one of the [`outcome`] tokens.
     pub outcome: &'static str,
     /// `$analytics_reason`: why the beacon was refused (empty when it was not).
@@ -62,6 +69,7 @@ impl Default for RequestCtx {
         RequestCtx {
             request: ptr::null_mut(),
             batch: ptr::null_mut(),
+            member: 0,
             // SAFETY: `ngx_event_t` is a C struct of integers, bit fields, pointers and
             // optional function pointers, for which all zeroes is the valid "unused" state
             // (nginx itself allocates events zeroed).
@@ -70,6 +78,7 @@ impl Default for RequestCtx {
             write_failed: false,
             early_answer: None,
             waiting_line: Vec::new(),
+            waiting_in: None,
             outcome: outcome::INCOMPLETE,
             reason: String::new(),
             event: String::new(),
@@ -99,7 +108,7 @@ pub mod outcome {
     pub const BOT: &str = "bot";
     /// The write failed or could not be queued.
     pub const WRITE_FAILED: &str = "write_failed";
-    /// An internal error (allocation, I/O).
+    /// An internal error (allocation, I/O), or a subrequest sent to the endpoint.
     pub const ERROR: &str = "error";
 }
 
@@ -108,6 +117,7 @@ pub(crate) const NGX_ERROR: ngx_int_t = Status::NGX_ERROR.0;
 pub(crate) const NGX_DONE: ngx_int_t = Status::NGX_DONE.0;
 const INTERNAL_ERROR: ngx_int_t = NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
 const TOO_LARGE: ngx_int_t = NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as ngx_int_t;
+const FORBIDDEN: ngx_int_t = NGX_HTTP_FORBIDDEN as ngx_int_t;
 
 /// Status codes the endpoint answers with.
 mod status {
@@ -126,8 +136,19 @@ pub fn no_panic<T>(fallback: T, f: impl FnOnce() -> T) -> T {
 
 /// Content handler of a location with `analytics;`.
 pub unsafe extern "C" fn analytics_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    // SAFETY: nginx calls a content handler with a valid main request.
+    // SAFETY: nginx calls a content handler with a valid request.
     let request = unsafe { Request::from_ngx_http_request(r) };
+    // SAFETY: as above.
+    if unsafe { (*r).main } != r {
+        // A subrequest (SSI include, mirror, njs): it shares its parent's body and connection
+        // and is no beacon of its own; counting it would count the parent's beacon twice.
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            request.log(),
+            "analytics: subrequest to the beacon endpoint refused (403)"
+        );
+        return FORBIDDEN;
+    }
     no_panic(INTERNAL_ERROR, || handle_request(request))
 }
 
@@ -262,12 +283,17 @@ fn process_beacon(request: &mut Request) -> ngx_int_t {
     let mut line = Vec::with_capacity(256 + body.len());
     encode_point(&beacon, lcf.measurements(), timestamp, &mut line);
 
-    queue_line(request, lcf, uri, &line)
+    queue_line(request, lcf, uri, Cow::Borrowed(&line))
 }
 
 /// Hands an encoded line to the batch for `uri`; returns the code to finalize the request with,
 /// or `NGX_DONE` when its batch (or a wait for room) will finish it.
-fn queue_line(request: &mut Request, lcf: &AnalyticsLocConf, uri: &str, line: &[u8]) -> ngx_int_t {
+fn queue_line(
+    request: &mut Request,
+    lcf: &AnalyticsLocConf,
+    uri: &str,
+    line: Cow<[u8]>,
+) -> ngx_int_t {
     match batch::submit(request, uri, line, lcf.write_mode(), lcf.batch_limits()) {
         Submitted::Parked => NGX_DONE,
         Submitted::Queued => {
@@ -278,14 +304,20 @@ fn queue_line(request: &mut Request, lcf: &AnalyticsLocConf, uri: &str, line: &[
             record(request, outcome::ERROR, "");
             INTERNAL_ERROR
         }
+        Submitted::ClientGone => {
+            // Queued, with nobody left to answer.
+            record(request, outcome::ACCEPTED, "");
+            NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_int_t
+        }
     }
 }
 
-/// Submits the line of a request that waited for room in a batch, again.
-pub fn resubmit(request: &mut Request, line: &[u8]) -> ngx_int_t {
+/// Submits the line of a request that waited for room in a batch, again (the line moves; it is
+/// not copied unless it has to wait once more).
+pub fn resubmit(request: &mut Request, line: Vec<u8>) -> ngx_int_t {
     match HttpAnalyticsModule::location_conf(request) {
         Some(lcf) => match lcf.write_uri() {
-            Some(uri) => queue_line(request, lcf, uri, line),
+            Some(uri) => queue_line(request, lcf, uri, Cow::Owned(line)),
             None => INTERNAL_ERROR,
         },
         None => INTERNAL_ERROR,
@@ -383,9 +415,14 @@ fn with_ctx<T>(request: &Request, f: impl FnOnce(&mut RequestCtx) -> T) -> Optio
     unsafe { request_ctx_ptr(request).as_mut() }.map(f)
 }
 
-/// Pointer to this module's per-request state (NULL before the content handler ran).
+/// Pointer to this module's per-request state (NULL before the content handler ran, and for
+/// every subrequest: the endpoint refuses them, and a write subrequest's slot holds its
+/// `WriteCapture`).
 pub fn request_ctx_ptr(request: &Request) -> *mut RequestCtx {
     let r: &ngx_http_request_t = request.as_ref();
+    if !ptr::eq(r.main, r) {
+        return ptr::null_mut();
+    }
     let index = HttpAnalyticsModule::module().ctx_index;
     // SAFETY: `r.ctx` holds one pointer per HTTP module, `index` is this module's slot.
     unsafe { *r.ctx.add(index) }.cast::<RequestCtx>()

@@ -10,12 +10,16 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+use std::ffi::{c_char, c_void};
 use std::ptr;
 
+use ngx::core::{Pool, NGX_CONF_ERROR};
 use ngx::ffi::{
     ngx_conf_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
 };
-use ngx::http::{HttpModule, HttpModuleLocationConf};
+use ngx::http::{HttpModule, HttpModuleLocationConf, Merge};
+
+use crate::handler::no_panic;
 
 mod agent;
 mod batch;
@@ -31,13 +35,13 @@ pub struct HttpAnalyticsModule;
 
 static NGX_HTTP_ANALYTICS_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     preconfiguration: Some(HttpAnalyticsModule::preconfiguration),
-    postconfiguration: None,
+    postconfiguration: Some(HttpAnalyticsModule::postconfiguration),
     create_main_conf: None,
     init_main_conf: None,
     create_srv_conf: None,
     merge_srv_conf: None,
-    create_loc_conf: Some(HttpAnalyticsModule::create_loc_conf),
-    merge_loc_conf: Some(HttpAnalyticsModule::merge_loc_conf),
+    create_loc_conf: Some(create_loc_conf),
+    merge_loc_conf: Some(merge_loc_conf),
 };
 
 // The exported `ngx_modules` table is what lets nginx `load_module` a cdylib built outside its
@@ -67,11 +71,55 @@ impl HttpModule for HttpAnalyticsModule {
     }
 
     unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-        match variables::add_variables(cf) {
+        no_panic(NGX_ERROR, || match variables::add_variables(cf) {
             Ok(()) => NGX_OK,
             Err(()) => NGX_ERROR,
-        }
+        })
     }
+
+    unsafe extern "C" fn postconfiguration(_cf: *mut ngx_conf_t) -> ngx_int_t {
+        // SAFETY: nginx runs postconfiguration once per cycle on its configuration thread,
+        // after every filter module has put its filters in the chains.
+        unsafe { subrequest::install_filters() };
+        NGX_OK
+    }
+}
+
+// The configuration callbacks are written here rather than taken from `HttpModule`'s defaults
+// so that a panic becomes a configuration error: a panic cannot unwind out of an
+// `extern "C"` function, and aborting would take the master process down on `nginx -s reload`.
+
+/// Creates the location configuration (all settings unset).
+unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    no_panic(ptr::null_mut(), || {
+        // SAFETY: nginx passes a valid configuration context with its pool.
+        let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
+        pool.allocate(conf::AnalyticsLocConf::default())
+            .cast::<c_void>()
+    })
+}
+
+/// Merges a location configuration with the one of the enclosing level.
+unsafe extern "C" fn merge_loc_conf(
+    _cf: *mut ngx_conf_t,
+    prev: *mut c_void,
+    conf: *mut c_void,
+) -> *mut c_char {
+    no_panic(NGX_CONF_ERROR, || {
+        // SAFETY: both pointers come from `create_loc_conf` above; nginx passes distinct ones.
+        let (Some(prev), Some(conf)) = (unsafe {
+            (
+                prev.cast::<conf::AnalyticsLocConf>().as_ref(),
+                conf.cast::<conf::AnalyticsLocConf>().as_mut(),
+            )
+        }) else {
+            return NGX_CONF_ERROR;
+        };
+        match conf.merge(prev) {
+            Ok(()) => ptr::null_mut(),
+            Err(_) => NGX_CONF_ERROR,
+        }
+    })
 }
 
 const NGX_OK: ngx_int_t = ngx::core::Status::NGX_OK.0;

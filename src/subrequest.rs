@@ -2,35 +2,74 @@
 //!
 //! ngx 0.5's `Request::subrequest` always gives the subrequest an empty body, so it cannot
 //! carry line protocol. Here the subrequest gets its own request body (a pool copy of the
-//! lines), method POST and a matching Content-Length. It runs "in memory": the sink's answer
-//! never reaches the client; its body (up to `subrequest_output_buffer_size`) is kept for
-//! [`response_body`], so an error message from InfluxDB can be logged. The subrequest is
-//! "waited": when it is done, nginx runs the parent's write handler. The caller's
-//! post-subrequest handler records the outcome; nginx may call it twice for one subrequest (an
-//! upstream error first reports 502, then 0).
+//! lines), method POST and a matching Content-Length. The subrequest is "waited": when it is
+//! done, nginx runs the parent's write handler.
+//!
+//! The sink's answer never reaches the client, and never costs the parent its life: this
+//! module's own header and body filters (installed first in nginx's filter chains, as
+//! lua-nginx-module does for `ngx.location.capture`) take the answer of every write subrequest
+//! out of the chain. They keep its status line and at most [`CAPTURED_BODY_MAX`] bytes of its
+//! body (for the error log) in a [`WriteCapture`], and throw the rest away. An in-memory
+//! subrequest (`NGX_HTTP_SUBREQUEST_IN_MEMORY`) would fail with `NGX_ERROR`, and nginx would
+//! terminate the parent, as soon as an answer is larger than `subrequest_output_buffer_size`
+//! (a long InfluxDB error, a proxy's HTML error page).
 
 use std::ffi::c_void;
 use std::ptr;
 
 use ngx::ffi::{
-    ngx_http_post_subrequest_pt, ngx_http_post_subrequest_t, ngx_http_request_body_t,
-    ngx_http_request_t, ngx_http_subrequest, ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_HTTP_POST,
-    NGX_HTTP_SUBREQUEST_IN_MEMORY, NGX_HTTP_SUBREQUEST_WAITED,
+    ngx_chain_t, ngx_http_post_subrequest_t, ngx_http_request_body_t, ngx_http_request_t,
+    ngx_http_subrequest, ngx_http_top_body_filter, ngx_http_top_header_filter, ngx_int_t,
+    ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_HTTP_POST, NGX_HTTP_SUBREQUEST_WAITED,
 };
-use ngx::http::Request;
+use ngx::http::{HttpModule, Request};
 
-use crate::handler::body_chain;
+use crate::handler::{body_chain, no_panic, NGX_ERROR, NGX_OK};
+use crate::HttpAnalyticsModule;
 
 static POST_METHOD_NAME: &[u8] = b"POST";
 
-/// A post-subrequest handler (`ngx_http_post_subrequest_pt`).
-pub type PostSubrequestHandler = ngx_http_post_subrequest_pt;
+/// Most bytes of a sink's answer body kept for the error log.
+pub const CAPTURED_BODY_MAX: usize = 1024;
+
+/// What the sink answered to one write subrequest, filled in by this module's filters and its
+/// post-subrequest handler. It lives in the parent's pool, like the subrequest itself, so it is
+/// valid for as long as the subrequest can report to it.
+pub struct WriteCapture {
+    /// The subrequest has finished (its post-subrequest handler ran).
+    pub done: bool,
+    /// The status line the sink answered with before the subrequest finished; 0 when none
+    /// (connection refused, timeout: nginx's own error pages do not count).
+    pub status: usize,
+    /// The first bytes of the sink's answer body.
+    body: [u8; CAPTURED_BODY_MAX],
+    body_len: usize,
+    /// The answer body was longer than what is kept.
+    pub body_truncated: bool,
+}
+
+impl WriteCapture {
+    /// The kept start of the sink's answer body.
+    pub fn body(&self) -> &[u8] {
+        &self.body[..self.body_len.min(CAPTURED_BODY_MAX)]
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        let room = CAPTURED_BODY_MAX - self.body_len.min(CAPTURED_BODY_MAX);
+        let take = bytes.len().min(room);
+        self.body[self.body_len..self.body_len + take].copy_from_slice(&bytes[..take]);
+        self.body_len += take;
+        if take < bytes.len() {
+            self.body_truncated = true;
+        }
+    }
+}
 
 /// The subrequest could not be created (allocation failure or nginx refused it).
 #[derive(Debug)]
 pub struct SubrequestError;
 
-/// Allocates `size` bytes from the request pool, zeroed, as a `T`.
+/// Allocates a zeroed `T` from the request pool.
 fn pool_calloc<T>(request: &Request) -> Result<*mut T, SubrequestError> {
     // SAFETY: the request pool is valid for the request's lifetime; NULL is checked below.
     let p = unsafe { ngx_pcalloc(request.pool().as_ptr(), size_of::<T>()) }.cast::<T>();
@@ -41,26 +80,27 @@ fn pool_calloc<T>(request: &Request) -> Result<*mut T, SubrequestError> {
     }
 }
 
-/// Starts a waited POST subrequest to `uri` whose body is `lines`; nginx calls `on_done` with
-/// `data` when it finished, then the parent's write handler.
+/// Starts a waited POST subrequest to `uri` whose body is `lines`, and returns where its
+/// outcome will be recorded; nginx runs the parent's write handler once it finished
+/// ([`WriteCapture::done`]).
 pub fn start_write(
     request: &mut Request,
     uri: &str,
     lines: &[u8],
-    on_done: PostSubrequestHandler,
-    data: *mut c_void,
-) -> Result<(), SubrequestError> {
+) -> Result<*mut WriteCapture, SubrequestError> {
     // A pool copy of the lines, as the one, last buffer of the subrequest's body.
     let chain = body_chain(request, lines).ok_or(SubrequestError)?;
     let request_body = pool_calloc::<ngx_http_request_body_t>(request)?;
     // SAFETY: a zeroed request body (no temp file, no rest to read) holding our chain.
     unsafe { (*request_body).bufs = chain };
 
+    // All zeroes is a valid empty capture (false, 0, empty body).
+    let capture = pool_calloc::<WriteCapture>(request)?;
     let post = pool_calloc::<ngx_http_post_subrequest_t>(request)?;
-    // SAFETY: `post` is valid; the caller keeps `data` alive until `on_done` ran.
+    // SAFETY: `post` is valid; `capture` lives in the same pool as the subrequest.
     unsafe {
-        (*post).handler = on_done;
-        (*post).data = data;
+        (*post).handler = Some(write_done);
+        (*post).data = capture.cast::<c_void>();
     }
 
     // The URI string belongs to the location configuration, which outlives every request of
@@ -69,7 +109,6 @@ pub fn start_write(
         len: uri.len(),
         data: uri.as_ptr().cast_mut(),
     };
-    let flags = NGX_HTTP_SUBREQUEST_WAITED | NGX_HTTP_SUBREQUEST_IN_MEMORY;
     let mut sr: *mut ngx_http_request_t = ptr::null_mut();
     let r: *mut ngx_http_request_t = request.into();
     // SAFETY: `r` is the valid parent request; all pointers passed are valid for its lifetime.
@@ -80,11 +119,11 @@ pub fn start_write(
             ptr::null_mut(),
             &mut sr,
             post,
-            flags as ngx_uint_t,
+            NGX_HTTP_SUBREQUEST_WAITED as ngx_uint_t,
         )
     };
     // SAFETY: on NGX_OK nginx returns the new subrequest in `sr`; NULL is checked.
-    let Some(sr) = (unsafe { sr.as_mut() }).filter(|_| rc == 0) else {
+    let Some(sr) = (unsafe { sr.as_mut() }).filter(|_| rc == NGX_OK) else {
         return Err(SubrequestError);
     };
 
@@ -98,22 +137,119 @@ pub fn start_write(
     };
     sr.headers_in.content_length_n = lines.len() as i64;
     sr.headers_in.set_chunked(0);
-    Ok(())
+    // SAFETY: a new subrequest's ctx array has one (NULL) slot per module; this is ours.
+    unsafe { *sr.ctx.add(HttpAnalyticsModule::module().ctx_index) = capture.cast::<c_void>() };
+    Ok(capture)
 }
 
-/// The body of a finished in-memory subrequest's answer (empty when it had none).
+/// Post-subrequest handler of a write: marks its capture done. nginx may call it twice for one
+/// subrequest (an upstream error first reports 502, then 0 once its error page was "sent");
+/// only the first call counts.
+unsafe extern "C" fn write_done(
+    _sr: *mut ngx_http_request_t,
+    data: *mut c_void,
+    rc: ngx_int_t,
+) -> ngx_int_t {
+    // SAFETY: `data` is the capture `start_write` allocated next to this subrequest.
+    if let Some(capture) = unsafe { data.cast::<WriteCapture>().as_mut() } {
+        capture.done = true;
+    }
+    rc
+}
+
+/// The capture of `r` if it is one of this module's write subrequests: `start_write` puts the
+/// capture in this module's ctx slot of the subrequest. (A main request's slot holds its
+/// `RequestCtx` instead; other modules' subrequests have NULL there.)
 ///
 /// # Safety
-/// `sr` must be a valid subrequest started by [`start_write`].
-pub unsafe fn response_body<'a>(sr: *const ngx_http_request_t) -> &'a [u8] {
-    // SAFETY: the caller guarantees `sr`; `out` is NULL or the in-memory chain whose single
-    // buffer nginx filled with the answer, in the request pool.
-    let Some(buf) = (unsafe { (*sr).out.as_ref().and_then(|out| out.buf.as_ref()) }) else {
-        return &[];
-    };
-    if buf.pos.is_null() || buf.last <= buf.pos {
-        return &[];
+/// `r` must be a valid request.
+unsafe fn capture_of<'a>(r: *mut ngx_http_request_t) -> Option<&'a mut WriteCapture> {
+    // SAFETY: the caller guarantees `r`; a subrequest's ctx array has one slot per module.
+    unsafe {
+        if (*r).main == r {
+            return None;
+        }
+        let slot = *(*r).ctx.add(HttpAnalyticsModule::module().ctx_index);
+        slot.cast::<WriteCapture>().as_mut()
     }
-    // SAFETY: pos..last is the initialized content of that buffer.
-    unsafe { std::slice::from_raw_parts(buf.pos, buf.last.offset_from(buf.pos) as usize) }
+}
+
+static mut NEXT_HEADER_FILTER: ngx::ffi::ngx_http_output_header_filter_pt = None;
+static mut NEXT_BODY_FILTER: ngx::ffi::ngx_http_output_body_filter_pt = None;
+
+/// Puts this module's filters at the top of nginx's header and body filter chains.
+///
+/// # Safety
+/// Call once per configuration cycle from `postconfiguration`, on nginx's configuration
+/// thread (the chains are process globals that nginx rebuilds for every cycle).
+pub unsafe fn install_filters() {
+    // SAFETY: the caller guarantees the single-threaded configuration phase.
+    unsafe {
+        NEXT_HEADER_FILTER = ngx_http_top_header_filter;
+        ngx_http_top_header_filter = Some(capture_header_filter);
+        NEXT_BODY_FILTER = ngx_http_top_body_filter;
+        ngx_http_top_body_filter = Some(capture_body_filter);
+    }
+}
+
+/// Header filter: keeps the status line of a write subrequest's answer and sends nothing.
+unsafe extern "C" fn capture_header_filter(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls a header filter with a valid request.
+    if let Some(capture) = unsafe { capture_of(r) } {
+        if !capture.done && capture.status == 0 {
+            // SAFETY: as above.
+            capture.status = unsafe { (*r).headers_out.status };
+        }
+        // SAFETY: as above; the body is wanted in memory, to be kept for the log.
+        unsafe { (*r).set_filter_need_in_memory(1) };
+        return NGX_OK;
+    }
+    // SAFETY: the saved next filter of the chain, set before any request runs.
+    match unsafe { NEXT_HEADER_FILTER } {
+        // SAFETY: passing the request on down the chain, as every filter does.
+        Some(next) => unsafe { next(r) },
+        None => NGX_ERROR,
+    }
+}
+
+/// Body filter: keeps the start of a write subrequest's answer body, marks every buffer as
+/// sent and sends nothing.
+unsafe extern "C" fn capture_body_filter(
+    r: *mut ngx_http_request_t,
+    chain: *mut ngx_chain_t,
+) -> ngx_int_t {
+    // SAFETY: nginx calls a body filter with a valid request.
+    if let Some(capture) = unsafe { capture_of(r) } {
+        no_panic((), || consume(capture, chain));
+        return NGX_OK;
+    }
+    // SAFETY: the saved next filter of the chain, set before any request runs.
+    match unsafe { NEXT_BODY_FILTER } {
+        // SAFETY: passing the request and its chain on down the chain.
+        Some(next) => unsafe { next(r, chain) },
+        None => NGX_ERROR,
+    }
+}
+
+fn consume(capture: &mut WriteCapture, mut link: *mut ngx_chain_t) {
+    // SAFETY: the chain nginx passed to the body filter: valid links and buffers.
+    while let Some(cl) = unsafe { link.as_ref() } {
+        // SAFETY: as above.
+        if let Some(buf) = unsafe { cl.buf.as_mut() } {
+            if !capture.done && buf.in_file() == 0 && !buf.pos.is_null() && buf.last > buf.pos {
+                // SAFETY: pos..last is the initialized content of an in-memory buffer.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(buf.pos, buf.last.offset_from(buf.pos) as usize)
+                };
+                capture.keep(bytes);
+            } else if !capture.done && buf.in_file() != 0 && buf.file_last > buf.file_pos {
+                // Spilled to a temp file by the proxy: too long to keep, and not read back.
+                capture.body_truncated = true;
+            }
+            // Consumed: the upstream may reuse the buffer.
+            buf.pos = buf.last;
+            buf.file_pos = buf.file_last;
+        }
+        link = cl.next;
+    }
 }

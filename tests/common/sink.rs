@@ -394,8 +394,10 @@ fn reason_phrase(status: u16) -> &'static str {
 fn render_response(reply: &Reply, close: bool) -> Vec<u8> {
     let status = reply.status;
     let mut out = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status));
-    // Like InfluxDB: no Content-Length (and no body) on 204/304/1xx.
-    let bodyless = status == 204 || status == 304 || (100..200).contains(&status);
+    // Like InfluxDB: no Content-Length (and no body) on 204/304/1xx; a body set for one of
+    // those is sent anyway, as a misbehaving proxy in front of the sink might.
+    let bodyless =
+        (status == 204 || status == 304 || (100..200).contains(&status)) && reply.body.is_empty();
     if !bodyless {
         out.push_str(&format!("Content-Length: {}\r\n", reply.body.len()));
         if !reply.body.is_empty() {
