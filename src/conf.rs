@@ -23,6 +23,9 @@ use crate::core::policy::{
 /// Default URI of the internal location that receives the line protocol.
 pub const DEFAULT_WRITE_URI: &str = "/_analytics/write";
 
+/// Default URI of the internal location that proxies report queries to InfluxDB's `/query`.
+pub const DEFAULT_QUERY_URI: &str = "/_analytics/query";
+
 /// Default largest accepted beacon body, in bytes (`analytics_max_body_size`).
 pub const DEFAULT_MAX_BODY_SIZE: usize = 8 * 1024;
 
@@ -69,6 +72,8 @@ pub struct AnalyticsLocConf {
     pub cors_origins: Option<Vec<String>>,
     /// `analytics_drop_bots`.
     pub drop_bots: Option<bool>,
+    /// `analytics_query`.
+    pub query_uri: Option<String>,
 }
 
 impl AnalyticsLocConf {
@@ -124,6 +129,11 @@ impl AnalyticsLocConf {
         self.drop_bots.unwrap_or(true)
     }
 
+    /// URI of the internal location that proxies report queries to InfluxDB.
+    pub fn query_uri(&self) -> &str {
+        self.query_uri.as_deref().unwrap_or(DEFAULT_QUERY_URI)
+    }
+
     /// Largest accepted body in bytes.
     pub fn max_body_size(&self) -> usize {
         self.max_body_size.unwrap_or(DEFAULT_MAX_BODY_SIZE)
@@ -147,6 +157,7 @@ impl Merge for AnalyticsLocConf {
         inherit(&mut self.batch, &prev.batch);
         inherit(&mut self.cors_origins, &prev.cors_origins);
         inherit(&mut self.drop_bots, &prev.drop_bots);
+        inherit(&mut self.query_uri, &prev.query_uri);
         Ok(())
     }
 }
@@ -169,7 +180,7 @@ const fn command(
 }
 
 /// The module's directive table (terminated by an empty command, as nginx expects).
-pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 12] = [
+pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 14] = [
     command(
         ngx_string!("analytics"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
@@ -224,6 +235,16 @@ pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 12] = [
         ngx_string!("analytics_drop_bots"),
         ANY_LEVEL | NGX_CONF_TAKE1,
         cmd_drop_bots,
+    ),
+    command(
+        ngx_string!("analytics_report"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        cmd_report,
+    ),
+    command(
+        ngx_string!("analytics_query"),
+        ANY_LEVEL | NGX_CONF_TAKE1,
+        cmd_query,
     ),
     ngx_command_t::empty(),
 ];
@@ -311,6 +332,8 @@ directive_handler!(cmd_write, set_write);
 directive_handler!(cmd_write_mode, set_write_mode);
 directive_handler!(cmd_measurements, set_measurements);
 directive_handler!(cmd_max_body_size, set_max_body_size);
+directive_handler!(cmd_report, set_report);
+directive_handler!(cmd_query, set_query);
 
 fn duplicate<T>(value: &Option<T>) -> Result<(), String> {
     match value {
@@ -378,6 +401,21 @@ fn set_drop_bots(d: &mut Directive) -> Result<(), String> {
         _ => return Err("takes \"on\" or \"off\"".to_string()),
     };
     Ok(())
+}
+
+fn set_report(d: &mut Directive) -> Result<(), String> {
+    set_content_handler(d, crate::report::report_handler)
+}
+
+fn set_query(d: &mut Directive) -> Result<(), String> {
+    duplicate(&d.conf.query_uri)?;
+    match d.args[..] {
+        [uri] if uri.starts_with('/') && !uri.bytes().any(|b| b.is_ascii_whitespace()) => {
+            d.conf.query_uri = Some(uri.to_string());
+            Ok(())
+        }
+        _ => Err("takes a URI starting with \"/\"".to_string()),
+    }
 }
 
 fn set_agent(d: &mut Directive) -> Result<(), String> {

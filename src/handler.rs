@@ -56,6 +56,8 @@ pub struct RequestCtx {
     pub waiting_line: Vec<u8>,
     /// Where a request waiting for room waits: its sink's index and its place in the queue.
     pub waiting_in: Option<(usize, Ticket)>,
+    /// A report request's state (NULL for beacons).
+    pub report: *mut crate::report::ReportState,
     /// `$analytics_status`: one of the [`outcome`] tokens.
     pub outcome: &'static str,
     /// `$analytics_reason`: why the beacon was refused (empty when it was not).
@@ -79,6 +81,7 @@ impl Default for RequestCtx {
             early_answer: None,
             waiting_line: Vec::new(),
             waiting_in: None,
+            report: ptr::null_mut(),
             outcome: outcome::INCOMPLETE,
             reason: String::new(),
             event: String::new(),
@@ -506,6 +509,18 @@ fn append_buf(body: &mut Vec<u8>, buf: &ngx_buf_t, limit: usize) -> Result<(), B
 /// Sends a complete response (status, optional `text/plain` body) and returns the code to
 /// finalize the request with.
 pub fn send_response(request: &mut Request, status: usize, text: &str) -> ngx_int_t {
+    send_typed(request, status, b"text/plain", text.as_bytes())
+}
+
+/// Sends a complete response with a body of `content_type` (none when `body` is empty) and
+/// returns the code to finalize the request with.
+pub fn send_typed(
+    request: &mut Request,
+    status: usize,
+    content_type: &'static [u8],
+    body: &[u8],
+) -> ngx_int_t {
+    let text = body;
     let r: *mut ngx_http_request_t = request.into();
     // SAFETY: `r` is the valid main request, whose header has not been sent yet.
     unsafe {
@@ -518,7 +533,7 @@ pub fn send_response(request: &mut Request, status: usize, text: &str) -> ngx_in
             (*r).set_header_only(1);
             (*r).headers_out.content_length_n = 0;
         } else {
-            (*r).headers_out.content_type = ngx_string_static(b"text/plain");
+            (*r).headers_out.content_type = ngx_string_static(content_type);
             (*r).headers_out.content_type_len = (*r).headers_out.content_type.len;
             (*r).headers_out.content_length_n = text.len() as i64;
         }
@@ -529,7 +544,7 @@ pub fn send_response(request: &mut Request, status: usize, text: &str) -> ngx_in
     if rc == NGX_ERROR || rc > NGX_OK || unsafe { (*r).header_only() } != 0 {
         return rc;
     }
-    match body_chain(request, text.as_bytes()) {
+    match body_chain(request, text) {
         // SAFETY: the chain and its buffer were just allocated from the request pool.
         Some(chain) => unsafe { ngx_http_output_filter(r, chain) },
         None => NGX_ERROR,

@@ -26,6 +26,7 @@ mod batch;
 pub mod conf;
 pub mod core;
 mod handler;
+mod report;
 mod subrequest;
 mod variables;
 

@@ -32,33 +32,40 @@ static POST_METHOD_NAME: &[u8] = b"POST";
 /// Most bytes of a sink's answer body kept for the error log.
 pub const CAPTURED_BODY_MAX: usize = 1024;
 
-/// What the sink answered to one write subrequest, filled in by this module's filters and its
-/// post-subrequest handler. It lives in the parent's pool, like the subrequest itself, so it is
-/// valid for as long as the subrequest can report to it.
-pub struct WriteCapture {
+/// What the upstream answered to one of this module's subrequests, filled in by this module's
+/// filters and its post-subrequest handler. It lives in the parent's pool, like the subrequest
+/// itself, so it is valid for as long as the subrequest can report to it.
+pub struct Capture {
     /// The subrequest has finished (its post-subrequest handler ran).
     pub done: bool,
-    /// The status line the sink answered with before the subrequest finished; 0 when none
+    /// The status line the upstream answered with before the subrequest finished; 0 when none
     /// (connection refused, timeout: nginx's own error pages do not count).
     pub status: usize,
-    /// The first bytes of the sink's answer body.
-    body: [u8; CAPTURED_BODY_MAX],
-    body_len: usize,
-    /// The answer body was longer than what is kept.
+    /// The start of the answer body, at most `limit` bytes.
+    body: Vec<u8>,
+    limit: usize,
+    /// The answer body was longer than `limit` (or could not be read).
     pub body_truncated: bool,
 }
 
-impl WriteCapture {
-    /// The kept start of the sink's answer body.
+/// The capture of a write to the sink.
+pub type WriteCapture = Capture;
+
+impl Capture {
+    /// The kept start of the answer body.
     pub fn body(&self) -> &[u8] {
-        &self.body[..self.body_len.min(CAPTURED_BODY_MAX)]
+        &self.body
+    }
+
+    /// Takes the kept body out.
+    pub fn take_body(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.body)
     }
 
     fn keep(&mut self, bytes: &[u8]) {
-        let room = CAPTURED_BODY_MAX - self.body_len.min(CAPTURED_BODY_MAX);
+        let room = self.limit.saturating_sub(self.body.len());
         let take = bytes.len().min(room);
-        self.body[self.body_len..self.body_len + take].copy_from_slice(&bytes[..take]);
-        self.body_len += take;
+        self.body.extend_from_slice(&bytes[..take]);
         if take < bytes.len() {
             self.body_truncated = true;
         }
@@ -82,20 +89,41 @@ fn pool_calloc<T>(request: &Request) -> Result<*mut T, SubrequestError> {
 
 /// Starts a waited POST subrequest to `uri` whose body is `lines`, and returns where its
 /// outcome will be recorded; nginx runs the parent's write handler once it finished
-/// ([`WriteCapture::done`]).
+/// ([`Capture::done`]).
 pub fn start_write(
     request: &mut Request,
     uri: &str,
     lines: &[u8],
 ) -> Result<*mut WriteCapture, SubrequestError> {
-    // A pool copy of the lines, as the one, last buffer of the subrequest's body.
+    start_post(request, uri, lines, CAPTURED_BODY_MAX)
+}
+
+/// Starts a waited POST subrequest to `uri` whose body is `body`; at most `limit` bytes of the
+/// answer are kept. nginx runs the parent's write handler once it finished ([`Capture::done`]).
+pub fn start_post(
+    request: &mut Request,
+    uri: &str,
+    body: &[u8],
+    limit: usize,
+) -> Result<*mut Capture, SubrequestError> {
+    let lines = body;
+    // A pool copy of the body, as the one, last buffer of the subrequest's body.
     let chain = body_chain(request, lines).ok_or(SubrequestError)?;
     let request_body = pool_calloc::<ngx_http_request_body_t>(request)?;
     // SAFETY: a zeroed request body (no temp file, no rest to read) holding our chain.
     unsafe { (*request_body).bufs = chain };
 
-    // All zeroes is a valid empty capture (false, 0, empty body).
-    let capture = pool_calloc::<WriteCapture>(request)?;
+    // Dropped (its body freed) with the pool.
+    let capture = request.pool().allocate(Capture {
+        done: false,
+        status: 0,
+        body: Vec::new(),
+        limit,
+        body_truncated: false,
+    });
+    if capture.is_null() {
+        return Err(SubrequestError);
+    }
     let post = pool_calloc::<ngx_http_post_subrequest_t>(request)?;
     // SAFETY: `post` is valid; `capture` lives in the same pool as the subrequest.
     unsafe {
@@ -142,7 +170,7 @@ pub fn start_write(
     Ok(capture)
 }
 
-/// Post-subrequest handler of a write: marks its capture done. nginx may call it twice for one
+/// Post-subrequest handler: marks its capture done. nginx may call it twice for one
 /// subrequest (an upstream error first reports 502, then 0 once its error page was "sent");
 /// only the first call counts.
 unsafe extern "C" fn write_done(
@@ -150,8 +178,8 @@ unsafe extern "C" fn write_done(
     data: *mut c_void,
     rc: ngx_int_t,
 ) -> ngx_int_t {
-    // SAFETY: `data` is the capture `start_write` allocated next to this subrequest.
-    if let Some(capture) = unsafe { data.cast::<WriteCapture>().as_mut() } {
+    // SAFETY: `data` is the capture `start_post` allocated next to this subrequest.
+    if let Some(capture) = unsafe { data.cast::<Capture>().as_mut() } {
         capture.done = true;
     }
     rc
@@ -163,14 +191,14 @@ unsafe extern "C" fn write_done(
 ///
 /// # Safety
 /// `r` must be a valid request.
-unsafe fn capture_of<'a>(r: *mut ngx_http_request_t) -> Option<&'a mut WriteCapture> {
+unsafe fn capture_of<'a>(r: *mut ngx_http_request_t) -> Option<&'a mut Capture> {
     // SAFETY: the caller guarantees `r`; a subrequest's ctx array has one slot per module.
     unsafe {
         if (*r).main == r {
             return None;
         }
         let slot = *(*r).ctx.add(HttpAnalyticsModule::module().ctx_index);
-        slot.cast::<WriteCapture>().as_mut()
+        slot.cast::<Capture>().as_mut()
     }
 }
 
@@ -231,7 +259,39 @@ unsafe extern "C" fn capture_body_filter(
     }
 }
 
-fn consume(capture: &mut WriteCapture, mut link: *mut ngx_chain_t) {
+/// Keeps the part of a temp-file buffer that fits in the capture.
+fn keep_from_file(capture: &mut Capture, buf: &ngx::ffi::ngx_buf_t) {
+    let len = usize::try_from(buf.file_last - buf.file_pos).unwrap_or(0);
+    let room = capture.limit.saturating_sub(capture.body.len());
+    let want = len.min(room);
+    if want < len {
+        capture.body_truncated = true;
+    }
+    let mut chunk = vec![0u8; want];
+    let mut done = 0;
+    while done < want {
+        // SAFETY: `buf.file` is the open temp file the proxy wrote this buffer to; the
+        // destination is the zeroed tail of `chunk`, `want - done` bytes long.
+        let n = unsafe {
+            ngx::ffi::ngx_read_file(
+                buf.file,
+                chunk.as_mut_ptr().add(done),
+                want - done,
+                buf.file_pos + done as i64,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(n) if n > 0 => done += n,
+            _ => {
+                capture.body_truncated = true;
+                break;
+            }
+        }
+    }
+    capture.body.extend_from_slice(&chunk[..done]);
+}
+
+fn consume(capture: &mut Capture, mut link: *mut ngx_chain_t) {
     // SAFETY: the chain nginx passed to the body filter: valid links and buffers.
     while let Some(cl) = unsafe { link.as_ref() } {
         // SAFETY: as above.
@@ -243,8 +303,8 @@ fn consume(capture: &mut WriteCapture, mut link: *mut ngx_chain_t) {
                 };
                 capture.keep(bytes);
             } else if !capture.done && buf.in_file() != 0 && buf.file_last > buf.file_pos {
-                // Spilled to a temp file by the proxy: too long to keep, and not read back.
-                capture.body_truncated = true;
+                // Spilled to a temp file by the proxy: read back what is kept.
+                keep_from_file(capture, buf);
             }
             // Consumed: the upstream may reuse the buffer.
             buf.pos = buf.last;

@@ -505,7 +505,7 @@ fn is_host_name(host: &str) -> bool {
 }
 
 /// Trims ASCII whitespace, lowercases, drops one trailing dot and checks the charset.
-fn normalize_domain(domain: &str) -> Option<String> {
+pub fn normalize_domain(domain: &str) -> Option<String> {
     let mut domain = domain.trim_ascii().to_ascii_lowercase();
     if domain.ends_with('.') {
         domain.pop();

@@ -11,6 +11,7 @@ pub mod beacon;
 pub mod bots;
 pub mod line_protocol;
 pub mod policy;
+pub mod report;
 #[cfg(test)]
 mod roundtrip_tests;
 pub mod timestamp;
