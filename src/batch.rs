@@ -48,9 +48,9 @@ use std::ops::Range;
 use std::ptr;
 
 use ngx::ffi::{
-    ngx_add_timer, ngx_del_timer, ngx_delete_posted_event, ngx_event_t, ngx_http_finalize_request,
-    ngx_http_request_t, ngx_http_run_posted_requests, ngx_log_t, ngx_pool_cleanup_add,
-    ngx_post_event, ngx_posted_events, NGX_LOG_ERR, NGX_LOG_INFO,
+    ngx_add_timer, ngx_cycle, ngx_cycle_t, ngx_del_timer, ngx_delete_posted_event, ngx_event_t,
+    ngx_http_finalize_request, ngx_http_request_t, ngx_http_run_posted_requests, ngx_log_t,
+    ngx_pool_cleanup_add, ngx_post_event, ngx_posted_events, NGX_LOG_ERR, NGX_LOG_INFO,
 };
 use ngx::http::Request;
 use ngx::ngx_log_error;
@@ -100,10 +100,18 @@ pub struct Batch {
     plan: WritePlan,
     /// The chunk being written and where its subrequest records the sink's answer.
     writing: Option<(Range<usize>, *mut WriteCapture)>,
+    /// Writes whose outcome was unknown and were written again.
+    retries: u32,
 }
+
+/// Most times a batch writes a chunk again whose outcome was unknown, before it fails it.
+const MAX_RETRIES: u32 = 3;
 
 /// Everything that decides where and how a line is written, and this worker's state for it.
 struct Sink {
+    /// The configuration cycle (a single-process nginx keeps running across reloads, and a
+    /// freed cycle's addresses may be reused).
+    cycle: usize,
     /// The server block the beacons came through (its `srv_conf` array, which is also what a
     /// subrequest created from such a request resolves its URI in).
     server: usize,
@@ -132,13 +140,20 @@ fn with_sink<T>(index: usize, f: impl FnOnce(&mut Sink) -> T) -> T {
 
 /// The index of the sink for this key, added on first use.
 fn sink_index(server: usize, uri: &str, mode: WriteMode, limits: BatchLimits) -> usize {
+    // SAFETY: nginx sets `ngx_cycle` before any request runs; it is only read here.
+    let cycle = unsafe { ngx_cycle } as usize;
     SINKS.with(|sinks| {
         let mut sinks = sinks.borrow_mut();
         let found = sinks.iter().position(|sink| {
-            sink.server == server && sink.mode == mode && sink.limits == limits && sink.uri == uri
+            sink.cycle == cycle
+                && sink.server == server
+                && sink.mode == mode
+                && sink.limits == limits
+                && sink.uri == uri
         });
         found.unwrap_or_else(|| {
             sinks.push(Sink {
+                cycle,
                 server,
                 uri: uri.to_string(),
                 mode,
@@ -198,10 +213,19 @@ pub fn submit(
     let server = unsafe { (*r).srv_conf } as usize;
     let sink = sink_index(server, uri, mode, limits);
 
-    if client_gone(r) {
-        // Nobody to answer and no request to lead a write: the line goes with the next write.
-        carry(sink, &[&line], request.log());
-        return Submitted::ClientGone;
+    let gone = client_gone(r);
+    if gone {
+        // Nobody to answer. The line joins the open batch without waiting on it; with no open
+        // batch, the request writes its line on its own at once (a batch nobody can join, so
+        // no beacon's answer depends on a request that nginx ends as soon as its subrequest is
+        // done); with every write slot busy, the line goes with the sink's next write.
+        let (has_open, slot_free) = with_sink(sink, |sink| {
+            (!sink.open.is_null(), sink.in_flight < MAX_WRITES_IN_FLIGHT)
+        });
+        if has_open || !slot_free {
+            carry(sink, &[&line], request.log());
+            return Submitted::ClientGone;
+        }
     }
 
     let open = with_sink(sink, |sink| {
@@ -238,6 +262,7 @@ pub fn submit(
                 stage: Stage::Open,
                 plan: WritePlan::new(0),
                 writing: None,
+                retries: 0,
             }));
             with_sink(sink, |sink| sink.open = batch);
             batch
@@ -271,7 +296,7 @@ pub fn submit(
     }
 
     let in_flight = with_sink(sink, |sink| sink.in_flight);
-    let must_write = in_flight == 0 || batch_ref.lines.is_full(&limits);
+    let must_write = gone || in_flight == 0 || batch_ref.lines.is_full(&limits);
     let may_write = limits.is_off() || in_flight < MAX_WRITES_IN_FLIGHT;
     if (must_write || limits.delay_ms == 0) && may_write {
         close_and_flush(batch, Some(ctx));
@@ -539,10 +564,26 @@ unsafe extern "C" fn chunk_done(r: *mut ngx_http_request_t) {
             return;
         };
         // SAFETY: as above.
-        record_answer(batch, chunk, unsafe { &*capture }, request.log());
+        take_answer(batch, chunk, unsafe { &*capture }, request.log());
         batch.stage = Stage::Closed;
         write_next_chunk(batch);
     });
+}
+
+/// Takes the outcome of a finished chunk write: what the sink answered, or, when the write
+/// ended without saying what the sink did, the chunk again (a few times at most).
+fn take_answer(
+    batch: &mut Batch,
+    chunk: Range<usize>,
+    capture: &WriteCapture,
+    log: *mut ngx_log_t,
+) {
+    if capture.outcome_unknown() && batch.retries < MAX_RETRIES {
+        batch.retries += 1;
+        batch.plan.retry(chunk);
+    } else {
+        record_answer(batch, chunk, capture, log);
+    }
 }
 
 /// Records what the sink answered for `chunk`, logging a failure once.
@@ -682,7 +723,7 @@ fn leader_gone(batch: *mut Batch, log: *mut ngx_log_t) {
         // is freed only after them.
         let capture = unsafe { &*capture };
         if capture.done {
-            record_answer(batch_ref, chunk, capture, log);
+            take_answer(batch_ref, chunk, capture, log);
         } else {
             batch_ref.plan.retry(chunk);
         }
@@ -765,6 +806,39 @@ fn wake_waiting(sink: usize) {
             lines_room -= 1;
             bytes_room = bytes_room.saturating_sub(ctx.waiting_line.len());
             post_wake(ctx);
+        }
+    });
+}
+
+/// Worker exit (`exit_process`): logs the lines that were still waiting for a write with nobody
+/// waiting on them (their requests went away and no later beacon's write took them).
+///
+/// # Safety
+/// Called by nginx with the exiting cycle.
+pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
+    no_panic((), || {
+        let lost: Vec<(String, usize)> = SINKS.with(|sinks| {
+            sinks
+                .borrow()
+                .iter()
+                .filter(|sink| !sink.carried.is_empty())
+                .map(|sink| (sink.uri.clone(), sink.carried.len()))
+                .collect()
+        });
+        // SAFETY: the exiting cycle and its log are valid during the call.
+        let Some(log) = (unsafe { cycle.as_ref() })
+            .map(|c| c.log)
+            .filter(|l| !l.is_null())
+        else {
+            return;
+        };
+        for (uri, points) in lost {
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                log,
+                "analytics: write to \"{uri}\" failed: the worker exited first, {points} \
+                 point(s) not stored"
+            );
         }
     });
 }

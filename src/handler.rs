@@ -150,7 +150,13 @@ pub unsafe extern "C" fn analytics_handler(r: *mut ngx_http_request_t) -> ngx_in
             request.log(),
             "analytics: subrequest to the beacon endpoint refused (403)"
         );
-        return FORBIDDEN;
+        // An empty 403: an SSI include shows nothing, rather than nginx's error page.
+        // SAFETY: as above; the subrequest has no body of its own to read.
+        let rc = unsafe { ngx_http_discard_request_body(r) };
+        if rc != NGX_OK {
+            return rc;
+        }
+        return send_response(request, FORBIDDEN as usize, "");
     }
     no_panic(INTERNAL_ERROR, || handle_request(request))
 }

@@ -20,12 +20,12 @@ use std::ptr;
 use ngx::ffi::{
     ngx_chain_t, ngx_http_post_subrequest_t, ngx_http_request_body_t, ngx_http_request_t,
     ngx_http_subrequest, ngx_http_top_body_filter, ngx_http_top_header_filter, ngx_int_t,
-    ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_HTTP_POST, NGX_HTTP_SUBREQUEST_WAITED,
+    ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_HTTP_CLIENT_CLOSED_REQUEST, NGX_HTTP_POST,
+    NGX_HTTP_SUBREQUEST_WAITED,
 };
-use ngx::http::{HttpModule, Request};
+use ngx::http::Request;
 
 use crate::handler::{body_chain, no_panic, NGX_ERROR, NGX_OK};
-use crate::HttpAnalyticsModule;
 
 static POST_METHOD_NAME: &[u8] = b"POST";
 
@@ -46,6 +46,8 @@ pub struct Capture {
     limit: usize,
     /// The answer body was longer than `limit` (or could not be read).
     pub body_truncated: bool,
+    /// The code nginx finished the subrequest with (first report).
+    rc: ngx_int_t,
 }
 
 /// The capture of a write to the sink.
@@ -55,6 +57,14 @@ impl Capture {
     /// The kept start of the answer body.
     pub fn body(&self) -> &[u8] {
         &self.body
+    }
+
+    /// Whether the subrequest ended without saying what the upstream did: no status line, and
+    /// it was cancelled (the client went away and the location does not ignore client aborts)
+    /// or failed inside nginx. The request may or may not have reached the upstream.
+    pub fn outcome_unknown(&self) -> bool {
+        self.status == 0
+            && (self.rc == NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_int_t || self.rc == NGX_ERROR)
     }
 
     /// Takes the kept body out.
@@ -120,6 +130,7 @@ pub fn start_post(
         body: Vec::new(),
         limit,
         body_truncated: false,
+        rc: 0,
     });
     if capture.is_null() {
         return Err(SubrequestError);
@@ -165,41 +176,56 @@ pub fn start_post(
     };
     sr.headers_in.content_length_n = lines.len() as i64;
     sr.headers_in.set_chunked(0);
-    // SAFETY: a new subrequest's ctx array has one (NULL) slot per module; this is ours.
-    unsafe { *sr.ctx.add(HttpAnalyticsModule::module().ctx_index) = capture.cast::<c_void>() };
     Ok(capture)
 }
 
-/// Post-subrequest handler: marks its capture done. nginx may call it twice for one
+/// Post-subrequest handler: marks the capture done. nginx may call it twice for one
 /// subrequest (an upstream error first reports 502, then 0 once its error page was "sent");
 /// only the first call counts.
 unsafe extern "C" fn write_done(
-    _sr: *mut ngx_http_request_t,
+    sr: *mut ngx_http_request_t,
     data: *mut c_void,
     rc: ngx_int_t,
 ) -> ngx_int_t {
     // SAFETY: `data` is the capture `start_post` allocated next to this subrequest.
-    if let Some(capture) = unsafe { data.cast::<Capture>().as_mut() } {
+    let Some(capture) = (unsafe { data.cast::<Capture>().as_mut() }) else {
+        return rc;
+    };
+    if !capture.done {
         capture.done = true;
+        capture.rc = rc;
+        if capture.status == 0 {
+            // A status line the proxy received but did not pass on (`proxy_intercept_errors`).
+            // SAFETY: `sr` is the finishing subrequest; `upstream` is NULL or its upstream.
+            if let Some(u) = unsafe { (*sr).upstream.as_ref() } {
+                capture.status = u.headers_in.status_n;
+            }
+        }
     }
     rc
 }
 
-/// The capture of `r` if it is one of this module's write subrequests: `start_write` puts the
-/// capture in this module's ctx slot of the subrequest. (A main request's slot holds its
-/// `RequestCtx` instead; other modules' subrequests have NULL there.)
+/// The capture of `r` if it is one of this module's subrequests, recognized by its
+/// post-subrequest handler (which, unlike a module ctx, survives an internal redirect such as an
+/// `error_page` or `X-Accel-Redirect`; lua-nginx-module recognizes its captures the same way).
 ///
 /// # Safety
 /// `r` must be a valid request.
 unsafe fn capture_of<'a>(r: *mut ngx_http_request_t) -> Option<&'a mut Capture> {
-    // SAFETY: the caller guarantees `r`; a subrequest's ctx array has one slot per module.
-    unsafe {
+    // SAFETY: the caller guarantees `r`; `main` and `post_subrequest` of a valid request are
+    // valid or NULL.
+    let post = unsafe {
         if (*r).main == r {
             return None;
         }
-        let slot = *(*r).ctx.add(HttpAnalyticsModule::module().ctx_index);
-        slot.cast::<Capture>().as_mut()
+        (*r).post_subrequest.as_ref()?
+    };
+    let ours = write_done as unsafe extern "C" fn(_, _, _) -> _;
+    if post.handler.map(|h| h as *const ()) != Some(ours as *const ()) {
+        return None;
     }
+    // SAFETY: `start_post` set `data` to the capture, in the subrequest's pool.
+    unsafe { post.data.cast::<Capture>().as_mut() }
 }
 
 static mut NEXT_HEADER_FILTER: ngx::ffi::ngx_http_output_header_filter_pt = None;
@@ -228,8 +254,6 @@ unsafe extern "C" fn capture_header_filter(r: *mut ngx_http_request_t) -> ngx_in
             // SAFETY: as above.
             capture.status = unsafe { (*r).headers_out.status };
         }
-        // SAFETY: as above; the body is wanted in memory, to be kept for the log.
-        unsafe { (*r).set_filter_need_in_memory(1) };
         return NGX_OK;
     }
     // SAFETY: the saved next filter of the chain, set before any request runs.

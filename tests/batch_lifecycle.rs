@@ -218,6 +218,14 @@ server {{
 
 /// nginx with an h2c (prior knowledge) listener in front of `sink`.
 fn h2_conf(port: u16, sink_port: u16) -> String {
+    h2_conf_with(port, sink_port, "analytics_batch delay=5s;", true)
+}
+
+fn h2_conf_with(port: u16, sink_port: u16, endpoint_extra: &str, ignore_abort: bool) -> String {
+    let mut write = write_location("http://sink/write?db=analytics&precision=ns", "5s");
+    if !ignore_abort {
+        write = write.replace("proxy_ignore_client_abort on;", "");
+    }
     format!(
         r#"
 upstream sink {{ server 127.0.0.1:{sink_port}; keepalive 8; }}
@@ -228,12 +236,11 @@ server {{
     location = /collect {{
         analytics;
         analytics_domains www.example.com;
-        analytics_batch delay=5s;
+        {endpoint_extra}
     }}
-{}
+{write}
 }}
-"#,
-        write_location("http://sink/write?db=analytics&precision=ns", "5s")
+"#
     )
 }
 
@@ -249,10 +256,11 @@ enum ResetWhen {
 /// One write occupies the sink; then a leader and 8 members gather in the next batch over
 /// HTTP/2, and the leader's stream is reset at `when`. Returns the members' statuses and the
 /// ids written, per write.
-fn leader_reset(when: ResetWhen) -> (Vec<u16>, Vec<Vec<String>>, String) {
+fn leader_reset(when: ResetWhen, ignore_abort: bool) -> (Vec<u16>, Vec<Vec<String>>, String) {
     let sink = FakeSink::start();
     let port = free_port();
-    let nginx = Nginx::start(&h2_conf(port, sink.port()));
+    let conf = h2_conf_with(port, sink.port(), "analytics_batch delay=5s;", ignore_abort);
+    let nginx = Nginx::start(&conf);
     sink.set_delay(Duration::from_millis(700));
     let first = thread::spawn(move || post(port, "/collect", &beacon("www.example.com", "first")));
     assert_eq!(sink.wait_for_requests(1, WAIT).len(), 1);
@@ -321,7 +329,7 @@ fn leader_reset(when: ResetWhen) -> (Vec<u16>, Vec<Vec<String>>, String) {
 
 #[test]
 fn a_leader_reset_during_its_write_leaves_every_member_answered_by_the_sink() {
-    let (statuses, writes, log) = leader_reset(ResetWhen::DuringItsWrite);
+    let (statuses, writes, log) = leader_reset(ResetWhen::DuringItsWrite, true);
     assert_eq!(
         statuses, [204; 8],
         "the sink stored the batch: {writes:?}\n{log}"
@@ -339,7 +347,7 @@ fn a_leader_reset_during_its_write_leaves_every_member_answered_by_the_sink() {
 
 #[test]
 fn a_leader_reset_before_its_write_hands_the_batch_to_a_member() {
-    let (statuses, writes, log) = leader_reset(ResetWhen::BeforeItsWrite);
+    let (statuses, writes, log) = leader_reset(ResetWhen::BeforeItsWrite, true);
     assert_eq!(statuses, [204; 8], "{writes:?}\n{log}");
     let all: Vec<&String> = writes.iter().flatten().collect();
     let unique: HashSet<&String> = all.iter().copied().collect();
@@ -350,6 +358,135 @@ fn a_leader_reset_before_its_write_hands_the_batch_to_a_member() {
     );
     assert_eq!(all.len(), 10, "nothing written twice: {writes:?}");
     assert!(!log.contains("not stored"), "{log}");
+}
+
+#[test]
+fn a_write_cancelled_with_its_leader_is_written_again_for_the_members() {
+    // Without `proxy_ignore_client_abort on`, the reset cancels the write on its way: nginx
+    // cannot know whether the sink stored it, so a member writes the chunk again (the same
+    // lines with the same timestamps: InfluxDB keeps one point of each).
+    let (statuses, writes, log) = leader_reset(ResetWhen::DuringItsWrite, false);
+    assert_eq!(statuses, [204; 8], "{writes:?}\n{log}");
+    let unique: HashSet<&String> = writes.iter().flatten().collect();
+    assert_eq!(unique.len(), 10, "every line written: {writes:?}");
+    assert!(!log.contains("not stored"), "{log}");
+}
+
+#[test]
+fn a_waiting_beacon_whose_stream_is_reset_is_still_written() {
+    let sink = FakeSink::start();
+    let port = free_port();
+    let conf = h2_conf_with(port, sink.port(), "analytics_batch lines=2 delay=5s;", true);
+    let nginx = Nginx::start(&conf);
+    sink.set_delay(Duration::from_millis(600));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let sink = runtime.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut client = client.ready().await.expect("h2 ready");
+        let (mut responses, mut streams) = (Vec::new(), Vec::new());
+        // 4 writes of 2 lines in flight and a full open batch: the 11th beacon waits for room.
+        for i in 0..11 {
+            client = client.ready().await.expect("h2 ready");
+            let request = http::Request::post(format!("http://www.example.com:{port}/collect"))
+                .body(())
+                .expect("request");
+            let (response, mut stream) = client.send_request(request, false).expect("send");
+            let body = beacon("www.example.com", &format!("w-{i}"));
+            stream
+                .send_data(bytes::Bytes::from(body), true)
+                .expect("body");
+            responses.push(response);
+            streams.push(stream);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        streams[10].send_reset(h2::Reason::CANCEL);
+        for response in responses.into_iter().take(10) {
+            let response = tokio::time::timeout(WAIT, response)
+                .await
+                .expect("answered in time")
+                .expect("a response");
+            assert_eq!(response.status().as_u16(), 204);
+        }
+        sink
+    });
+    let written = || -> HashSet<String> { ids_per_write(&sink).into_iter().flatten().collect() };
+    assert!(
+        common::wait_until(WAIT, || written().contains("w-10")),
+        "the reset beacon's line is written: {:?}\n{}",
+        written(),
+        nginx.error_log()
+    );
+    assert_eq!(written().len(), 11);
+    nginx.assert_no_crash_in_log();
+}
+
+/// nginx whose write location cannot reach its sink, under an inherited `error_page`.
+fn error_page_conf(port: u16, dead_port: u16) -> String {
+    format!(
+        r#"
+server {{
+    listen 127.0.0.1:{port};
+    server_name www.example.com;
+    error_page 502 504 /50x.html;
+    location = /50x.html {{ return 200 "ERROR-PAGE{}\n"; }}
+    location = /collect {{ analytics; }}
+    location = /collect-bg {{ analytics; analytics_write_mode background; }}
+{}
+}}
+"#,
+        "p".repeat(3000),
+        write_location(&format!("http://127.0.0.1:{dead_port}/write?db=x"), "2s")
+    )
+}
+
+#[test]
+fn an_error_page_of_the_write_location_never_reaches_the_client() {
+    let (port, dead_port) = (free_port(), free_port());
+    let nginx = Nginx::start(&error_page_conf(port, dead_port));
+    let wait = post(port, "/collect", &beacon("www.example.com", "wait"));
+    assert_eq!(wait.status, 502);
+    assert!(
+        !wait.body_text().contains("ERROR-PAGE"),
+        "{}",
+        wait.body_text()
+    );
+    // Background mode: the 204 goes out first; nothing may follow it on the connection.
+    let mut conn = common::Conn::open(port);
+    let request = |id: &str, close: bool| {
+        let body = beacon("www.example.com", id);
+        let mut bytes = format!(
+            "POST /collect-bg HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: {}\r\n{}\r\n",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        )
+        .into_bytes();
+        bytes.extend(body);
+        bytes
+    };
+    let first = conn.request(&request("bg-1", false));
+    assert_eq!(first.status, 204);
+    thread::sleep(Duration::from_millis(300));
+    let second = conn.request(&request("bg-2", true));
+    assert_eq!(
+        second.status, 204,
+        "the next answer on the connection is in sync"
+    );
+    assert!(!second.body_text().contains("ERROR-PAGE"));
+    assert!(
+        nginx.wait_for_log("no answer from the sink", WAIT),
+        "{}",
+        nginx.error_log()
+    );
+    nginx.assert_no_crash_in_log();
 }
 
 /// 40 beacons gather behind a first write; the sink answers every write with `status` and a

@@ -165,3 +165,20 @@ pub fn write_location(target: &str, read_timeout: &str) -> String {
     }}"#
     )
 }
+
+/// The internal location reports query through, set up as in nginx-conf/nginx.conf: InfluxDB's
+/// `/query` at `target` (URL with path and query), the statement sent as a form body.
+pub fn query_location(target: &str) -> String {
+    format!(
+        r#"    location = /_analytics/query {{
+        internal;
+        proxy_pass {target};
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_pass_request_headers off;
+        proxy_set_header Content-Type application/x-www-form-urlencoded;
+        proxy_connect_timeout 2s;
+        proxy_read_timeout 10s;
+    }}"#
+    )
+}
