@@ -913,6 +913,10 @@ fn check_totals(influx: &Influx, db: &str, e: &Expected, sess_as: SessAs) {
             "{db}: {domain}: visits summed per page {per_page}, per 15 min {per_15m}, \
              per day {per_day}, true {true_visits}"
         );
+        println!(
+            "{db}: {domain}: visits {true_visits}; summed over rollup rows: per day \
+             {per_day}, per 15 min {per_15m}, per page and 15 min {per_page}"
+        );
     }
 }
 
@@ -952,6 +956,13 @@ fn field_sessions_rollups_match_the_data() {
     let data = generate(from);
     write_data(&influx, db, &data, SessAs::Field);
     let e = expected(&data);
+    println!(
+        "{} page views and {} events over {DAYS} days; rollup rows: {} pages, {} events",
+        e.domain_15m.values().map(|a| a.count).sum::<i64>(),
+        e.events_15m.values().map(|a| a.count).sum::<i64>(),
+        e.pages_15m.len(),
+        e.events_15m.len()
+    );
     assert_eq!(
         influx.count_points(db, "pf_analytics") + influx.count_points(db, "pf_analytics_event"),
         data.len(),

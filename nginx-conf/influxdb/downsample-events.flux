@@ -27,9 +27,8 @@ events =
         |> filter(fn: (r) => r._measurement == "pf_analytics_event")
         |> filter(
             fn: (r) =>
-                r._field == "counter" or r._field == "note" or r._field == "value" or r._field
-                    ==
-                    "sess",
+                r._field == "counter" or r._field == "note"
+                    or r._field == "value" or r._field == "sess",
         )
         |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")
         |> map(fn: (r) => ({r with note: if contains(value: r.note, set: notes) then r.note else "(other)"}))

@@ -23,8 +23,8 @@ views =
         )
         |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")
         |> drop(fn: (column) => column == "type" or column == "pages_viewed")
-        // Group by every remaining tag, whichever this series has: all columns except these.
-        |> group(columns: ["_time", "counter", "load_time", "sess"], mode: "except")
+        // Group by every tag this series has, whichever they are: all columns except these.
+        |> group(columns: ["_time", "_measurement", "counter", "load_time", "sess"], mode: "except")
 
 views
     |> aggregateWindow(every: 15m, fn: sum, column: "counter", timeSrc: "_start", createEmpty: false)

@@ -2,7 +2,7 @@
 //
 // The first graph of the original events design, on today's points: sum the "counter" field
 // of pf_analytics_event by event name. In a dashboard cell, use v.timeRangeStart,
-// v.timeRangeStop and v.windowPeriod instead of the three settings below.
+// v.timeRangeStop and v.windowPeriod instead of `start` and `every` below.
 site = "www.example.com"
 start = -7d
 every = 1h
@@ -16,9 +16,8 @@ from(bucket: "analytics")
     // drop(columns: [...]) fails on a missing column: drop(fn: ...) does not.
     |> drop(
         fn: (column) =>
-            column == "sess" or column == "type" or column == "page" or column == "platform"
-                or
-                column == "timezone",
+            column == "sess" or column == "type" or column == "page"
+                or column == "platform" or column == "timezone",
     )
     |> group(columns: ["event"])
     |> aggregateWindow(every: every, fn: sum, createEmpty: true)
