@@ -216,11 +216,8 @@ server {{
     nginx.assert_no_crash_in_log();
 }
 
-/// nginx with an h2c (prior knowledge) listener in front of `sink`.
-fn h2_conf(port: u16, sink_port: u16) -> String {
-    h2_conf_with(port, sink_port, "analytics_batch delay=5s;", true)
-}
-
+/// nginx with an h2c (prior knowledge) listener in front of `sink`; the write location ignores
+/// client aborts as the README asks, unless `ignore_abort` is false.
 fn h2_conf_with(port: u16, sink_port: u16, endpoint_extra: &str, ignore_abort: bool) -> String {
     let mut write = write_location("http://sink/write?db=analytics&precision=ns", "5s");
     if !ignore_abort {
