@@ -1,7 +1,7 @@
 # Front door for building, testing and the demo (see README.md).
 CARGO ?= cargo
 
-.PHONY: deps build check test demo bench
+.PHONY: deps build check test demo bench bench-overload
 
 deps:
 	./scripts/install-deps.sh
@@ -23,3 +23,9 @@ demo: deps
 
 bench: deps
 	./bench/run.sh
+
+# Overload: 2,000 connections while InfluxDB is frozen for 10 s. With
+# BASELINE_MODULE=/path/to/an/older/libngx_http_analytics_module.so it alternates that module and
+# this one and prints ratios current/baseline.
+bench-overload: deps
+	./bench/overload.sh
