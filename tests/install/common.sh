@@ -130,8 +130,8 @@ finish() {
     elif [ "$failed" -eq 0 ]; then
         failed=1
     fi
-    local hook
-    for hook in "${cleanup_hooks[@]}"; do "$hook"; done
+    local i
+    for ((i = ${#cleanup_hooks[@]} - 1; i >= 0; i--)); do "${cleanup_hooks[$i]}"; done
     stop_all
     if [ -n "${KEEP_WORK:-}" ]; then
         echo "work directory kept: $work"

@@ -16,7 +16,7 @@ suite=install_dynamic_module
 vendored_nginx_source() {
     local manifest
     manifest=$(cd "$root" && cargo metadata --format-version 1 --locked \
-        | grep -o '"manifest_path":"[^"]*/nginx-src-[^"]*/Cargo.toml"' | head -n 1 \
+        | grep -o '"manifest_path":"[^"]*/nginx-src-[^"]*/Cargo.toml"' | sed -n 1p \
         | sed -e 's/^"manifest_path":"//' -e 's/"$//')
     [ -n "$manifest" ] || fail "nginx-src not found in cargo metadata"
     echo "$(dirname "$manifest")/nginx"
