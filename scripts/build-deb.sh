@@ -21,19 +21,24 @@ package=libnginx-mod-http-analytics
 out=${DEB_OUT_DIR:-$root/target/debian}
 build=$out/build
 nginx_dev=/usr/share/nginx/src
-maintainer=${DEB_MAINTAINER:-"ngx-analytics maintainers <maintainers@users.noreply.r-seed-0f085166.example>"}
+maintainer=${DEB_MAINTAINER:-"ngx-analytics maintainers \
+<maintainers@users.noreply.r-seed-0f085166.example>"}
 
+die() {
+    echo "build-deb: $*" >&2
+    exit 1
+}
 for tool in dpkg-deb dpkg-shlibdeps dpkg-buildflags cargo strip; do
-    command -v "$tool" > /dev/null || { echo "build-deb: $tool not found (make deps installs it)" >&2; exit 1; }
+    command -v "$tool" > /dev/null || die "$tool not found (make deps installs it)"
 done
-[ -f "$nginx_dev/conf_flags" ] || { echo "build-deb: $nginx_dev not found: install nginx-dev" >&2; exit 1; }
+[ -f "$nginx_dev/conf_flags" ] || die "$nginx_dev not found: install nginx-dev"
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | sed -n 1p)
 arch=$(dpkg --print-architecture)
 abi=$(sed -n 's/^nginx:abi=//p' "$nginx_dev/debian/libnginx-mod.abisubstvars")
 nginx_version=$(sed -n 's/^#define NGINX_VERSION *"\(.*\)"/\1/p' "$nginx_dev/src/core/nginx.h")
 [ -n "$version" ] && [ -n "$abi" ] && [ -n "$nginx_version" ] \
-    || { echo "build-deb: cannot read the version, the nginx ABI or the nginx version" >&2; exit 1; }
+    || die "cannot read the version, the nginx ABI or the nginx version"
 deb=$out/${package}_${version}_${arch}.deb
 echo "==> $package $version for nginx $nginx_version ($abi), $arch"
 
@@ -54,7 +59,8 @@ cp -r "$nginx_dev" "$build/nginx-$nginx_version"
         || { tail -n 40 "$build/configure.log" >&2; exit 1; }
     echo "==> make modules (cargo builds the module; log: $build/make.log)"
     # nginx-dev ships no top-level Makefile template: use objs/Makefile, as dh_nginx does.
-    make -f objs/Makefile modules > "$build/make.log" 2>&1 || { tail -n 60 "$build/make.log" >&2; exit 1; }
+    make -f objs/Makefile modules > "$build/make.log" 2>&1 \
+        || { tail -n 60 "$build/make.log" >&2; exit 1; }
 )
 so=$build/nginx-$nginx_version/objs/ngx_http_analytics_module.so
 
@@ -80,7 +86,7 @@ crates=$(cargo tree --locked --no-default-features -e normal,no-proc-macro --pre
     --format '{p} {l}' | sed -e 's/ (\*)$//' -e 's/ ([^)]*)//' | sort -u \
     | grep -v '^ngx-analytics ')
 uncovered=$(echo "$crates" | grep -Ev '(Apache-2\.0|MIT)' || true)
-[ -z "$uncovered" ] || { echo "build-deb: licenses not covered by copyright.in:" >&2; echo "$uncovered" >&2; exit 1; }
+[ -z "$uncovered" ] || die "licenses not covered by packaging/deb/copyright.in: $uncovered"
 crates=$(echo "$crates" | sed -e 's/^/  /')
 # Dates come from the history (or SOURCE_DATE_EPOCH), so a rebuild gives the same files.
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || stat -c %Y Cargo.toml)}

@@ -35,7 +35,7 @@ fi
 # runs (invoke-rc.d and deb-systemd-invoke obey /usr/sbin/policy-rc.d).
 policy=/usr/sbin/policy-rc.d
 if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# Written by ngx-analytics scripts/install-deps.sh while apt runs.\nexit 101\n' \
+    printf '#!/bin/sh\n# Written by ngx-analytics scripts/install-deps.sh for apt.\nexit 101\n' \
         | $sudo tee "$policy" > /dev/null
     $sudo chmod 755 "$policy"
     trap '$sudo rm -f "$policy"' EXIT

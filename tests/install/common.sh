@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2154  # root and suite are set by the sourcing script
 # Shared by the install tests (tests/install/*.sh; source it after setting `root` and `suite`).
 #
 # A test script is a sequence of steps: `step NAME` ends the previous step as passed and starts
@@ -89,7 +90,8 @@ send_beacon() {
 # expect_point INFLUX_PORT PAGE: the page view for PAGE is stored in database `analytics`.
 expect_point() {
     local answer
-    answer=$(influx_query "$1" "SELECT \"counter\", \"page\" FROM \"pf_analytics\" WHERE \"page\" = '$2'" analytics)
+    answer=$(influx_query "$1" \
+        "SELECT \"counter\", \"page\" FROM \"pf_analytics\" WHERE \"page\" = '$2'" analytics)
     echo "InfluxDB: $answer"
     case "$answer" in
         *"\"$2\""*) return 0 ;;
@@ -140,7 +142,8 @@ finish() {
     fi
     [ "$failed" -eq 0 ] || verdict=FAILED
     echo
-    echo "test result: $verdict. $passed passed; $failed failed; 0 ignored; 0 measured; 0 filtered out; finished in $(elapsed_since "$suite_started")s"
+    echo "test result: $verdict. $passed passed; $failed failed; 0 ignored; 0 measured;" \
+        "0 filtered out; finished in $(elapsed_since "$suite_started")s"
     echo
     [ "$failed" -eq 0 ] || exit 1
     exit 0

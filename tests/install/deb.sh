@@ -74,7 +74,8 @@ start_debian_nginx() {
     pids+=("$nginx_pid")
     for _ in $(seq 1 100); do
         curl -s -o /dev/null "http://127.0.0.1:$nginx_port/" && return 0
-        kill -0 "$nginx_pid" 2>/dev/null || fail "nginx exited; $(tail -n 5 "$work/nginx/error.log")"
+        kill -0 "$nginx_pid" 2>/dev/null \
+            || fail "nginx exited; $(tail -n 5 "$work/nginx/error.log")"
         sleep 0.1
     done
     fail "nginx did not answer on 127.0.0.1:$nginx_port"
@@ -162,8 +163,11 @@ grep -q 'unknown directive "analytics' "$work/nginx-t.log" \
 step apt_purge_leaves_no_trace
 quiet apt_get purge "$package"
 ! dpkg-query -W "$package" > /dev/null 2>&1 || fail "$package is still known to dpkg"
-leftovers=$(ls /etc/nginx/modules-enabled/ | grep analytics || true)
-[ -z "$leftovers" ] || fail "left in /etc/nginx/modules-enabled: $leftovers"
+for leftover in /etc/nginx/modules-enabled/*analytics*; do
+    if [ -e "$leftover" ] || [ -L "$leftover" ]; then
+        fail "left in /etc/nginx/modules-enabled: $leftover"
+    fi
+done
 
 step nginx_starts_without_module
 cat > "$work/nginx/sites/analytics.conf" <<CONF

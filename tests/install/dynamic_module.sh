@@ -39,7 +39,8 @@ grep -E 'ngx_http_analytics_module|cargo' "$work/step.log"
 
 step make_modules
 quiet make modules
-[ -f objs/ngx_http_analytics_module.so ] || fail "make modules did not produce objs/ngx_http_analytics_module.so"
+[ -f objs/ngx_http_analytics_module.so ] \
+    || fail "make modules did not produce objs/ngx_http_analytics_module.so"
 ls -l objs/ngx_http_analytics_module.so
 # nginx's generated table names the module: the .so exports both.
 for symbol in ngx_modules ngx_http_analytics_module; do
