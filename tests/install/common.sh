@@ -74,6 +74,25 @@ free_port() {
     fail "no free loopback port found"
 }
 
+# start_test_influxd: InfluxDB on free loopback ports (influx_port, influx_rpc_port) with a
+# database `analytics`; a port taken between free_port and influxd binding it means new ports.
+start_test_influxd() {
+    local attempt
+    for attempt in 1 2 3; do
+        influx_port=$(free_port)
+        influx_rpc_port=$(free_port)
+        if start_influxd "$work/influxdb-$attempt" "$influx_port" "$influx_rpc_port"; then
+            influx_query "$influx_port" "CREATE DATABASE analytics" > /dev/null
+            return 0
+        fi
+        # Stop this attempt's influxd if it is still starting.
+        kill "${pids[-1]}" 2>/dev/null || true
+        wait "${pids[-1]}" 2>/dev/null || true
+        unset 'pids[-1]'
+    done
+    fail "InfluxDB did not start"
+}
+
 # port_is_closed PORT: nothing accepts connections on 127.0.0.1:PORT.
 port_is_closed() {
     ! (exec 3<> "/dev/tcp/127.0.0.1/$1") 2>/dev/null

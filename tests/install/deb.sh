@@ -127,10 +127,7 @@ step nginx_t_debian_config
 grep -q "test is successful" "$work/nginx-t.log" || fail "nginx -t failed"
 
 step beacon_through_debian_nginx
-influx_port=$(free_port)
-influx_rpc_port=$(free_port)
-start_influxd "$work/influxdb" "$influx_port" "$influx_rpc_port"
-influx_query "$influx_port" "CREATE DATABASE analytics" > /dev/null
+start_test_influxd
 cat > "$work/nginx/sites/analytics.conf" <<CONF
 server {
     listen 127.0.0.1:$nginx_port;

@@ -53,11 +53,8 @@ quiet make -j "$(nproc)"
 ./objs/nginx -V
 
 step nginx_loads_module_and_answers_beacon
-influx_port=$(free_port)
-influx_rpc_port=$(free_port)
 nginx_port=$(free_port)
-start_influxd "$work/influxdb" "$influx_port" "$influx_rpc_port"
-influx_query "$influx_port" "CREATE DATABASE analytics" > /dev/null
+start_test_influxd
 mkdir -p "$work/prefix/logs"
 cat > "$work/prefix/nginx.conf" <<CONF
 load_module $work/nginx/objs/ngx_http_analytics_module.so;
