@@ -46,12 +46,14 @@ static NGX_HTTP_ANALYTICS_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
 };
 
 // The exported `ngx_modules` table is what lets nginx `load_module` a cdylib built outside its
-// build system. It is left out of unit-test builds, which do not link against nginx.
-#[cfg(not(test))]
+// build system. nginx's own build (`config`) generates that table in C instead, so it is left
+// out there (feature `export-modules` off), and in unit-test builds, which do not link nginx.
+#[cfg(all(not(test), feature = "export-modules"))]
 ngx::ngx_modules!(ngx_http_analytics_module);
 
-/// The nginx module definition (`ngx_http_analytics_module`).
-#[cfg_attr(not(test), used)]
+/// The nginx module definition (`ngx_http_analytics_module`). Exported under its own name for
+/// the `ngx_modules` table that nginx's build generates.
+#[cfg_attr(not(test), used, no_mangle)]
 #[allow(non_upper_case_globals)]
 pub static mut ngx_http_analytics_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of!(NGX_HTTP_ANALYTICS_MODULE_CTX)
