@@ -3,13 +3,13 @@
 //!
 //! The answer carries a content-derived `ETag` (nginx's not-modified filter then answers
 //! `If-None-Match` with 304) and `Cache-Control`; nginx's gzip filter compresses it when
-//! `gzip_types` lists `application/javascript`.
+//! `gzip_types` lists `application/javascript`. [`serve_from_memory`] also serves the dashboard.
 
 use std::ptr;
 
 use ngx::ffi::{
     ngx_buf_t, ngx_chain_t, ngx_http_discard_request_body, ngx_http_output_filter,
-    ngx_http_request_t, ngx_http_send_header, ngx_int_t, ngx_list_push, ngx_pcalloc,
+    ngx_http_request_t, ngx_http_send_header, ngx_int_t, ngx_list_push, ngx_pcalloc, ngx_str_t,
     ngx_table_elt_t, ngx_uint_t, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR,
 };
 use ngx::http::Request;
@@ -24,8 +24,8 @@ const CACHE_CONTROL: &[u8] = b"public, max-age=3600";
 
 const CONTENT_TYPE: &[u8] = b"application/javascript; charset=utf-8";
 
-/// FNV-1a, 64 bit: a stable fingerprint of the agent for its ETag.
-const fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a, 64 bit: a stable fingerprint for an ETag (of the agent, of a dashboard page).
+pub const fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325_u64;
     let mut i = 0;
     while i < bytes.len() {
@@ -62,12 +62,40 @@ pub fn agent_etag() -> &'static [u8] {
 pub unsafe extern "C" fn agent_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls a content handler with a valid main request.
     let request = unsafe { Request::from_ngx_http_request(r) };
+    let response = MemoryResponse {
+        content_type: CONTENT_TYPE,
+        cache_control: CACHE_CONTROL,
+        etag: agent_etag(),
+        body: AGENT_JS,
+        headers: &[],
+    };
     no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
-        serve_agent(request)
+        // SAFETY: every slice of `response` is static.
+        unsafe { serve_from_memory(request, &response) }
     })
 }
 
-fn serve_agent(request: &mut Request) -> ngx_int_t {
+/// A complete answer held in memory: the agent (static), or the dashboard page (owned by the
+/// location configuration, which outlives every request of its configuration cycle).
+pub struct MemoryResponse<'a> {
+    /// `Content-Type`.
+    pub content_type: &'static [u8],
+    /// `Cache-Control`.
+    pub cache_control: &'static [u8],
+    /// Strong `ETag`, quoted; nginx's not-modified filter answers `If-None-Match` with 304.
+    pub etag: &'a [u8],
+    /// The body, sent without a copy.
+    pub body: &'a [u8],
+    /// Further response headers, name and value.
+    pub headers: &'a [(&'static [u8], &'static [u8])],
+}
+
+/// Answers `GET` and `HEAD` with `response` (200, or 304 by its ETag), anything else with 405.
+///
+/// # Safety
+/// The slices of `response` must stay valid and unchanged until the request is finalized:
+/// nginx keeps pointing at them while the body is being sent.
+pub unsafe fn serve_from_memory(request: &mut Request, response: &MemoryResponse) -> ngx_int_t {
     let r: *mut ngx_http_request_t = request.into();
     // SAFETY: `r` is the valid request of this content handler; discarding is how nginx
     // answers without reading a body.
@@ -82,20 +110,25 @@ fn serve_agent(request: &mut Request) -> ngx_int_t {
         return send_response(request, 405, "only GET and HEAD are allowed\n");
     }
 
-    let etag = agent_etag();
-    // SAFETY: `r` is valid and its header is not sent yet; the header values are 'static.
+    // SAFETY: `r` is valid and its header is not sent yet; the caller guarantees that the
+    // header values outlive the request.
     unsafe {
-        let Some(etag_header) = push_header(r, b"ETag", etag) else {
+        let Some(etag_header) = push_header(r, b"ETag", response.etag) else {
             return NGX_ERROR;
         };
         (*r).headers_out.etag = etag_header;
-        if push_header(r, b"Cache-Control", CACHE_CONTROL).is_none() {
+        if push_header(r, b"Cache-Control", response.cache_control).is_none() {
             return NGX_ERROR;
         }
+        for &(key, value) in response.headers {
+            if push_header(r, key, value).is_none() {
+                return NGX_ERROR;
+            }
+        }
         (*r).headers_out.status = 200;
-        (*r).headers_out.content_type = ngx_string_static(CONTENT_TYPE);
-        (*r).headers_out.content_type_len = CONTENT_TYPE.len();
-        (*r).headers_out.content_length_n = AGENT_JS.len() as i64;
+        (*r).headers_out.content_type = ngx_string_static(response.content_type);
+        (*r).headers_out.content_type_len = response.content_type.len();
+        (*r).headers_out.content_length_n = response.body.len() as i64;
     }
 
     // SAFETY: as above.
@@ -104,22 +137,22 @@ fn serve_agent(request: &mut Request) -> ngx_int_t {
     if rc == NGX_ERROR || rc > NGX_OK || unsafe { (*r).header_only() } != 0 {
         return rc;
     }
-    // SAFETY: as above.
-    match unsafe { static_body(r) } {
-        // SAFETY: a chain from the request pool describing static memory.
+    // SAFETY: as above; the caller guarantees that the body outlives the request.
+    match unsafe { memory_body(r, response.body) } {
+        // SAFETY: a chain from the request pool describing memory that outlives the request.
         Some(chain) => unsafe { ngx_http_output_filter(r, chain) },
         None => NGX_ERROR,
     }
 }
 
-/// Adds a response header whose key and value are static.
+/// Adds a response header.
 ///
 /// # Safety
-/// `r` must be a valid request whose header has not been sent.
+/// `r` must be a valid request whose header has not been sent; `value` must outlive it.
 unsafe fn push_header(
     r: *mut ngx_http_request_t,
     key: &'static [u8],
-    value: &'static [u8],
+    value: &[u8],
 ) -> Option<*mut ngx_table_elt_t> {
     // SAFETY: the caller guarantees `r`; nginx returns NULL on allocation failure.
     let header = unsafe { ngx_list_push(&mut (*r).headers_out.headers) }.cast::<ngx_table_elt_t>();
@@ -133,15 +166,19 @@ unsafe fn push_header(
     let element = unsafe { &mut *header };
     element.hash = 1;
     element.key = ngx_string_static(key);
-    element.value = ngx_string_static(value);
+    // nginx only reads header values.
+    element.value = ngx_str_t {
+        len: value.len(),
+        data: value.as_ptr().cast_mut(),
+    };
     Some(header)
 }
 
-/// A one-buffer chain pointing at [`AGENT_JS`] (no copy), marked as the last buffer.
+/// A one-buffer chain pointing at `body` (no copy), marked as the last buffer.
 ///
 /// # Safety
-/// `r` must be a valid request.
-unsafe fn static_body(r: *mut ngx_http_request_t) -> Option<*mut ngx_chain_t> {
+/// `r` must be a valid request; `body` must outlive it.
+unsafe fn memory_body(r: *mut ngx_http_request_t, body: &[u8]) -> Option<*mut ngx_chain_t> {
     // SAFETY: allocations from the valid request pool; NULL is checked by `as_mut`.
     let (buf, chain) = unsafe {
         (
@@ -151,11 +188,11 @@ unsafe fn static_body(r: *mut ngx_http_request_t) -> Option<*mut ngx_chain_t> {
     };
     // SAFETY: zeroed, exclusively owned allocations (or NULL).
     let (buf_ref, chain_ref) = unsafe { (buf.as_mut()?, chain.as_mut()?) };
-    let start = AGENT_JS.as_ptr().cast_mut();
+    let start = body.as_ptr().cast_mut();
     buf_ref.start = start;
     buf_ref.pos = start;
-    // SAFETY: one past the end of the static agent bytes.
-    buf_ref.last = unsafe { start.add(AGENT_JS.len()) };
+    // SAFETY: one past the end of `body`.
+    buf_ref.last = unsafe { start.add(body.len()) };
     buf_ref.end = buf_ref.last;
     // `memory`: read-only memory that output filters must not change.
     buf_ref.set_memory(1);

@@ -5,6 +5,7 @@
 
 use std::ffi::{c_char, c_void};
 use std::ptr;
+use std::sync::Arc;
 
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
@@ -74,6 +75,8 @@ pub struct AnalyticsLocConf {
     pub drop_bots: Option<bool>,
     /// `analytics_query`.
     pub query_uri: Option<String>,
+    /// `analytics_dashboard`: the page this location serves.
+    pub dashboard: Option<Arc<crate::dashboard::DashboardPage>>,
 }
 
 impl AnalyticsLocConf {
@@ -158,6 +161,8 @@ impl Merge for AnalyticsLocConf {
         inherit(&mut self.cors_origins, &prev.cors_origins);
         inherit(&mut self.drop_bots, &prev.drop_bots);
         inherit(&mut self.query_uri, &prev.query_uri);
+        // For `if` blocks inside a dashboard location, which keep its content handler.
+        inherit(&mut self.dashboard, &prev.dashboard);
         Ok(())
     }
 }
@@ -180,7 +185,7 @@ const fn command(
 }
 
 /// The module's directive table (terminated by an empty command, as nginx expects).
-pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 14] = [
+pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 15] = [
     command(
         ngx_string!("analytics"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
@@ -190,6 +195,11 @@ pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 14] = [
         ngx_string!("analytics_agent"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
         cmd_agent,
+    ),
+    command(
+        ngx_string!("analytics_dashboard"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1,
+        cmd_dashboard,
     ),
     command(
         ngx_string!("permitted_events"),
@@ -323,6 +333,7 @@ macro_rules! directive_handler {
 
 directive_handler!(cmd_analytics, set_analytics);
 directive_handler!(cmd_agent, set_agent);
+directive_handler!(cmd_dashboard, set_dashboard);
 directive_handler!(cmd_batch, set_batch);
 directive_handler!(cmd_cors_origins, set_cors_origins);
 directive_handler!(cmd_drop_bots, set_drop_bots);
@@ -420,6 +431,13 @@ fn set_query(d: &mut Directive) -> Result<(), String> {
 
 fn set_agent(d: &mut Directive) -> Result<(), String> {
     set_content_handler(d, crate::agent::agent_handler)
+}
+
+fn set_dashboard(d: &mut Directive) -> Result<(), String> {
+    let page = crate::dashboard::DashboardPage::new(d.args.first().copied())?;
+    set_content_handler(d, crate::dashboard::dashboard_handler)?;
+    d.conf.dashboard = Some(Arc::new(page));
+    Ok(())
 }
 
 fn set_permitted_events(d: &mut Directive) -> Result<(), String> {

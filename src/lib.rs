@@ -25,6 +25,7 @@ mod agent;
 mod batch;
 pub mod conf;
 pub mod core;
+mod dashboard;
 mod handler;
 mod report;
 mod subrequest;

@@ -1,5 +1,5 @@
 //! The nginx-free core of the module: beacon schema and validation, the 422-class policy checks,
-//! InfluxDB line-protocol encoding and unique timestamps.
+//! InfluxDB line-protocol encoding, unique timestamps and the dashboard page's assembly.
 //!
 //! Nothing in here touches nginx types or uses `unsafe`, and no function panics on any input, so
 //! all of it is tested with plain `cargo test`.
@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod beacon;
 pub mod bots;
+pub mod dashboard;
 pub mod line_protocol;
 pub mod policy;
 pub mod report;
