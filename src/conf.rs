@@ -16,6 +16,7 @@ use ngx::http::{HttpModuleLocationConf, Merge, MergeConfigError, NgxHttpCoreModu
 use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::core::batch::{parse_batch_args, BatchLimits};
+use crate::core::line_protocol::SessionStorage;
 use crate::core::policy::{
     push_event_names, validate_measurement_name, DomainPattern, Measurements,
 };
@@ -69,6 +70,8 @@ pub struct AnalyticsLocConf {
     pub cors_origins: Option<Vec<String>>,
     /// `analytics_drop_bots`.
     pub drop_bots: Option<bool>,
+    /// `analytics_session`.
+    pub session: Option<SessionStorage>,
 }
 
 impl AnalyticsLocConf {
@@ -124,6 +127,11 @@ impl AnalyticsLocConf {
         self.drop_bots.unwrap_or(true)
     }
 
+    /// Where `sess_id` goes in a point (default: a string field).
+    pub fn session(&self) -> SessionStorage {
+        self.session.unwrap_or_default()
+    }
+
     /// Largest accepted body in bytes.
     pub fn max_body_size(&self) -> usize {
         self.max_body_size.unwrap_or(DEFAULT_MAX_BODY_SIZE)
@@ -147,6 +155,7 @@ impl Merge for AnalyticsLocConf {
         inherit(&mut self.batch, &prev.batch);
         inherit(&mut self.cors_origins, &prev.cors_origins);
         inherit(&mut self.drop_bots, &prev.drop_bots);
+        inherit(&mut self.session, &prev.session);
         Ok(())
     }
 }
@@ -169,7 +178,7 @@ const fn command(
 }
 
 /// The module's directive table (terminated by an empty command, as nginx expects).
-pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 12] = [
+pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 13] = [
     command(
         ngx_string!("analytics"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
@@ -224,6 +233,11 @@ pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 12] = [
         ngx_string!("analytics_drop_bots"),
         ANY_LEVEL | NGX_CONF_TAKE1,
         cmd_drop_bots,
+    ),
+    command(
+        ngx_string!("analytics_session"),
+        ANY_LEVEL | NGX_CONF_TAKE1,
+        cmd_session,
     ),
     ngx_command_t::empty(),
 ];
@@ -301,6 +315,7 @@ directive_handler!(cmd_agent, set_agent);
 directive_handler!(cmd_batch, set_batch);
 directive_handler!(cmd_cors_origins, set_cors_origins);
 directive_handler!(cmd_drop_bots, set_drop_bots);
+directive_handler!(cmd_session, set_session);
 directive_handler!(cmd_permitted_events, set_permitted_events);
 directive_handler!(cmd_domains, set_domains);
 directive_handler!(cmd_write, set_write);
@@ -373,6 +388,16 @@ fn set_drop_bots(d: &mut Directive) -> Result<(), String> {
         ["off"] => Some(false),
         _ => return Err("takes \"on\" or \"off\"".to_string()),
     };
+    Ok(())
+}
+
+fn set_session(d: &mut Directive) -> Result<(), String> {
+    duplicate(&d.conf.session)?;
+    let session = match d.args[..] {
+        [arg] => SessionStorage::parse(arg),
+        _ => None,
+    };
+    d.conf.session = Some(session.ok_or("takes \"field\", \"tag\" or \"off\"")?);
     Ok(())
 }
 

@@ -81,6 +81,8 @@ impl Shared {
 pub struct FakeSink {
     /// Set for sinks that receive arbitrary test traffic rather than the module's writes.
     skip_audit: std::sync::atomic::AtomicBool,
+    /// Session ids that must never reach this sink (see [`FakeSink::forbid_sessions`]).
+    forbidden_sessions: Mutex<Vec<String>>,
     addr: SocketAddr,
     shared: Arc<Shared>,
     accept_thread: Option<JoinHandle<()>>,
@@ -117,6 +119,7 @@ impl FakeSink {
         };
         FakeSink {
             skip_audit: std::sync::atomic::AtomicBool::new(false),
+            forbidden_sessions: Mutex::new(Vec::new()),
             addr,
             shared,
             accept_thread: Some(accept_thread),
@@ -128,6 +131,16 @@ impl FakeSink {
     /// rather than the module's writes).
     pub fn skip_privacy_audit(&self) {
         self.skip_audit.store(true, Ordering::SeqCst);
+    }
+
+    /// Adds session ids to the privacy audit at drop: for an endpoint with
+    /// `analytics_session off`, none of them may reach the sink in any form, and no point may
+    /// carry `sess` at all (see [`super::privacy::session_violations`]).
+    pub fn forbid_sessions<I: IntoIterator<Item = String>>(&self, sess_ids: I) {
+        self.forbidden_sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(sess_ids);
     }
 
     /// `127.0.0.1:<port>`.
@@ -209,11 +222,23 @@ impl FakeSink {
 impl Drop for FakeSink {
     fn drop(&mut self) {
         if !std::thread::panicking() && !self.skip_audit.load(Ordering::SeqCst) {
-            let leaks: Vec<String> = self
-                .requests()
+            let forbidden = self
+                .forbidden_sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let requests = self.requests();
+            let mut leaks: Vec<String> = requests
                 .iter()
                 .flat_map(super::privacy::violations)
                 .collect();
+            if !forbidden.is_empty() {
+                leaks.extend(
+                    requests
+                        .iter()
+                        .flat_map(|r| super::privacy::session_violations(r, &forbidden)),
+                );
+            }
             assert!(
                 leaks.is_empty(),
                 "visitor data reached the sink: {leaks:#?}"
