@@ -33,9 +33,8 @@ bind-address = "127.0.0.1:$rpc_port"
   dir = "$dir/data"
   wal-dir = "$dir/wal"
   query-log-enabled = false
-  # Every session is a new value of the sess tag: lift the default limit of 100,000
-  # values per tag (it would refuse writes after 100,000 sessions).
-  max-values-per-tag = 0
+  # max-values-per-tag stays at its default (100,000): with the default
+  # "analytics_session field" a visit is no new tag value.
 [http]
   bind-address = "127.0.0.1:$http_port"
   log-enabled = false

@@ -17,6 +17,7 @@ use ngx::http::{HttpModuleLocationConf, Merge, MergeConfigError, NgxHttpCoreModu
 use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::core::batch::{parse_batch_args, BatchLimits};
+use crate::core::line_protocol::SessionStorage;
 use crate::core::policy::{
     push_event_names, validate_measurement_name, DomainPattern, Measurements,
 };
@@ -77,6 +78,8 @@ pub struct AnalyticsLocConf {
     pub query_uri: Option<String>,
     /// `analytics_dashboard`: the page this location serves.
     pub dashboard: Option<Arc<crate::dashboard::DashboardPage>>,
+    /// `analytics_session`.
+    pub session: Option<SessionStorage>,
 }
 
 impl AnalyticsLocConf {
@@ -137,6 +140,11 @@ impl AnalyticsLocConf {
         self.query_uri.as_deref().unwrap_or(DEFAULT_QUERY_URI)
     }
 
+    /// Where `sess_id` goes in a point (default: a string field).
+    pub fn session(&self) -> SessionStorage {
+        self.session.unwrap_or_default()
+    }
+
     /// Largest accepted body in bytes.
     pub fn max_body_size(&self) -> usize {
         self.max_body_size.unwrap_or(DEFAULT_MAX_BODY_SIZE)
@@ -163,6 +171,7 @@ impl Merge for AnalyticsLocConf {
         inherit(&mut self.query_uri, &prev.query_uri);
         // For `if` blocks inside a dashboard location, which keep its content handler.
         inherit(&mut self.dashboard, &prev.dashboard);
+        inherit(&mut self.session, &prev.session);
         Ok(())
     }
 }
@@ -185,7 +194,7 @@ const fn command(
 }
 
 /// The module's directive table (terminated by an empty command, as nginx expects).
-pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 15] = [
+pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 16] = [
     command(
         ngx_string!("analytics"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
@@ -255,6 +264,11 @@ pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 15] = [
         ngx_string!("analytics_query"),
         ANY_LEVEL | NGX_CONF_TAKE1,
         cmd_query,
+    ),
+    command(
+        ngx_string!("analytics_session"),
+        ANY_LEVEL | NGX_CONF_TAKE1,
+        cmd_session,
     ),
     ngx_command_t::empty(),
 ];
@@ -337,6 +351,7 @@ directive_handler!(cmd_dashboard, set_dashboard);
 directive_handler!(cmd_batch, set_batch);
 directive_handler!(cmd_cors_origins, set_cors_origins);
 directive_handler!(cmd_drop_bots, set_drop_bots);
+directive_handler!(cmd_session, set_session);
 directive_handler!(cmd_permitted_events, set_permitted_events);
 directive_handler!(cmd_domains, set_domains);
 directive_handler!(cmd_write, set_write);
@@ -427,6 +442,16 @@ fn set_query(d: &mut Directive) -> Result<(), String> {
         }
         _ => Err("takes a URI starting with \"/\"".to_string()),
     }
+}
+
+fn set_session(d: &mut Directive) -> Result<(), String> {
+    duplicate(&d.conf.session)?;
+    let session = match d.args[..] {
+        [arg] => SessionStorage::parse(arg),
+        _ => None,
+    };
+    d.conf.session = Some(session.ok_or("takes \"field\", \"tag\" or \"off\"")?);
+    Ok(())
 }
 
 fn set_agent(d: &mut Directive) -> Result<(), String> {

@@ -290,7 +290,8 @@ fn process_beacon(request: &mut Request) -> ngx_int_t {
     let slot = unsafe { ngx_process_slot };
     let timestamp = CLOCK.stamp(unix_now_ns(), u16::try_from(slot).unwrap_or(0));
     let mut line = Vec::with_capacity(256 + body.len());
-    encode_point(&beacon, lcf.measurements(), timestamp, &mut line);
+    let session = lcf.session();
+    encode_point(&beacon, lcf.measurements(), session, timestamp, &mut line);
 
     queue_line(request, lcf, uri, Cow::Borrowed(&line))
 }

@@ -20,8 +20,9 @@ use ngx::ffi::{
 use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
 use ngx::ngx_log_error;
 
+use crate::core::line_protocol::SessionStorage;
 use crate::core::report::{
-    answer, error_body, parse_report_query, statements, Format, ReportQuery, Visits,
+    answer, error_body, parse_report_query, statements, Format, ReportQuery,
 };
 use crate::core::timestamp::unix_now_ns;
 use crate::handler::{no_panic, request_ctx_ptr, send_typed, RequestCtx, NGX_DONE, NGX_ERROR};
@@ -37,7 +38,7 @@ const JSON: &[u8] = b"application/json";
 /// A report request on its way: what was asked, the statements, and their answers so far.
 pub struct ReportState {
     query: ReportQuery,
-    visits: Visits,
+    visits: SessionStorage,
     statements: Vec<String>,
     answers: Vec<Vec<u8>>,
     /// Where the running statement's answer is captured (NULL before the first).
@@ -78,7 +79,7 @@ fn handle_report(request: &mut Request) -> ngx_int_t {
             return json_error(request, 403, "`domain` is not one this location reports on");
         }
     }
-    let visits = Visits::Field;
+    let visits = lcf.session();
     let state = ReportState {
         statements: statements(&query, lcf.measurements(), visits),
         query,

@@ -30,7 +30,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
-use crate::core::{encode_point, parse_beacon, write_string_field, Beacon, Measurements};
+use crate::core::line_protocol::SessionStorage;
+use crate::core::{encode_point, parse_beacon, Beacon, Measurements};
 use common::influx::quote_ident;
 use common::{post_with_headers, urlencode, Influx};
 
@@ -523,38 +524,20 @@ enum SessAs {
     Tag,
 }
 
-/// The point the module writes for `g`, encoded by the module's own core.
-///
-/// The core of this branch writes `sess_id` as a tag (`analytics_session tag`). For the
-/// default `analytics_session field`, the beacon is encoded without it and the session id is
-/// appended as the string field `sess` with the core's own string-field writer.
+/// The point the module writes for `g`, encoded by the module's own core with `sess_id` as a
+/// string field (`analytics_session field`, the default) or as a tag (`analytics_session tag`).
 fn line(g: &Generated, sess_as: SessAs) -> Vec<u8> {
-    let measurements = Measurements::default();
-    let mut out = Vec::new();
-    match sess_as {
-        SessAs::Tag => {
-            let mut body = g.body.clone();
-            if let Some(sess) = &g.sess {
-                body["sess_id"] = json!(sess);
-            }
-            let beacon = parse_beacon(body.to_string().as_bytes()).expect("beacon with sess_id");
-            encode_point(&beacon, &measurements, g.ts, &mut out);
-        }
-        SessAs::Field => {
-            encode_point(&g.beacon, &measurements, g.ts, &mut out);
-            let end = format!(" {}\n", g.ts);
-            assert!(
-                out.ends_with(end.as_bytes()),
-                "line ends with its timestamp"
-            );
-            out.truncate(out.len() - end.len());
-            if let Some(sess) = &g.sess {
-                out.extend_from_slice(b",sess=");
-                write_string_field(&mut out, sess);
-            }
-            out.extend_from_slice(end.as_bytes());
-        }
+    let mut body = g.body.clone();
+    if let Some(sess) = &g.sess {
+        body["sess_id"] = json!(sess);
     }
+    let beacon = parse_beacon(body.to_string().as_bytes()).expect("beacon with sess_id");
+    let session = match sess_as {
+        SessAs::Field => SessionStorage::Field,
+        SessAs::Tag => SessionStorage::Tag,
+    };
+    let mut out = Vec::new();
+    encode_point(&beacon, &Measurements::default(), session, g.ts, &mut out);
     out
 }
 

@@ -20,6 +20,7 @@ pub mod timestamp;
 pub use beacon::{parse_beacon, referrer_host, Beacon, BeaconError, Common, Event, PageView};
 pub use line_protocol::{
     encode_point, sanitize_string_field, sanitize_tag_value, write_string_field, write_tag_value,
+    SessionStorage,
 };
 pub use policy::{
     check_policy, host_without_port, parse_event_names, push_event_names, sanitize_snippet,

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use serde_json::{json, Map, Value};
 
 use super::beacon::{normalize_domain, MAX_PAGE_LEN};
-use super::line_protocol::sanitize_tag_value;
+use super::line_protocol::{sanitize_tag_value, SessionStorage};
 use super::policy::{DomainPattern, Measurements};
 
 /// Longest accepted raw (still percent-encoded) parameter value, in bytes.
@@ -95,18 +95,6 @@ pub enum Format {
     Json,
     /// `text/csv` (table reports only).
     Csv,
-}
-
-/// How visits can be counted: from the `sess` field, the `sess` tag, or not at all
-/// (`analytics_session field | tag | off`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Visits {
-    /// `sess` is a string field.
-    Field,
-    /// `sess` is a tag.
-    Tag,
-    /// No sessions are stored: visits are `null`.
-    Off,
 }
 
 /// A half-open time range `[from, to)` in Unix milliseconds.
@@ -482,7 +470,11 @@ fn quote_ident(name: &str) -> String {
 }
 
 /// The InfluxQL statements that answer `query`, in order; each is one `SELECT` or `SHOW`.
-pub fn statements(query: &ReportQuery, measurements: &Measurements, visits: Visits) -> Vec<String> {
+pub fn statements(
+    query: &ReportQuery,
+    measurements: &Measurements,
+    visits: SessionStorage,
+) -> Vec<String> {
     let pv = quote_ident(&measurements.page_view);
     let ev = quote_ident(&measurements.event);
     let filter = |range: &TimeRange| {
@@ -504,12 +496,12 @@ pub fn statements(query: &ReportQuery, measurements: &Measurements, visits: Visi
             format!(" GROUP BY {group}")
         };
         match visits {
-            Visits::Field => format!(
+            SessionStorage::Field => format!(
                 "SELECT count(\"counter\") AS \"pageviews\", count(distinct(\"sess\")) AS \
                  \"visits\"{extra} FROM {pv} WHERE {cond}{group_by}"
             ),
             // A tag cannot be counted distinct directly; a subquery turns it into a field.
-            Visits::Tag => format!(
+            SessionStorage::Tag => format!(
                 "SELECT count(\"counter\") AS \"pageviews\", count(distinct(\"s\")) AS \
                  \"visits\"{extra} FROM (SELECT \"counter\", \"sess\"::tag AS \"s\"{inner} FROM \
                  {pv} WHERE {cond} GROUP BY *){group_by}",
@@ -519,7 +511,7 @@ pub fn statements(query: &ReportQuery, measurements: &Measurements, visits: Visi
                     ", \"load_time\""
                 }
             ),
-            Visits::Off => format!(
+            SessionStorage::Off => format!(
                 "SELECT count(\"counter\") AS \"pageviews\"{extra} FROM {pv} WHERE {cond}{group_by}"
             ),
         }
@@ -633,9 +625,9 @@ fn count(row: Option<&Map<String, Value>>, column: &str) -> u64 {
 }
 
 /// Visits as JSON: `null` when sessions are not stored.
-fn visits_value(row: Option<&Map<String, Value>>, visits: Visits) -> Value {
+fn visits_value(row: Option<&Map<String, Value>>, visits: SessionStorage) -> Value {
     match visits {
-        Visits::Off => Value::Null,
+        SessionStorage::Off => Value::Null,
         _ => json!(count(row, "visits")),
     }
 }
@@ -656,7 +648,7 @@ pub struct Answer {
 /// `domains` filters the `domains` report (the location's `analytics_domains`).
 pub fn answer(
     query: &ReportQuery,
-    visits: Visits,
+    visits: SessionStorage,
     domains: Option<&[DomainPattern]>,
     answers: &[Vec<u8>],
 ) -> Result<Answer, QueryError> {
@@ -835,9 +827,11 @@ fn csv_answer(csv: String) -> Answer {
 }
 
 /// One CSV field: quoted when it holds a separator, quote or line break; a leading `=`, `+`,
-/// `-`, `@`, tab or CR is prefixed with `'` so a spreadsheet does not run it as a formula.
+/// `-`, `@`, tab or CR is prefixed with `'` so a spreadsheet does not run it as a formula
+/// (a plain number such as a timezone offset `-60` is left as it is).
 pub fn csv_field(value: &str) -> String {
-    let guarded = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+    let number = value.parse::<i64>().is_ok();
+    let guarded = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) && !number {
         format!("'{value}")
     } else {
         value.to_string()
@@ -994,7 +988,11 @@ mod tests {
                 form_urlencoded::byte_serialize(page.as_bytes()).collect::<String>()
             );
             let query = parse(&args).unwrap();
-            for visits in [Visits::Field, Visits::Tag, Visits::Off] {
+            for visits in [
+                SessionStorage::Field,
+                SessionStorage::Tag,
+                SessionStorage::Off,
+            ] {
                 for statement in statements(&query, &Measurements::default(), visits) {
                     assert!(statement.starts_with("SELECT "), "{statement}");
                     assert!(
@@ -1046,7 +1044,7 @@ mod tests {
             ("report=realtime&domain=a.b", 1),
         ] {
             let q = parse(args).unwrap();
-            let all = statements(&q, &m, Visits::Field);
+            let all = statements(&q, &m, SessionStorage::Field);
             assert_eq!(all.len(), n, "{args}");
             for s in all {
                 assert!(
@@ -1061,13 +1059,13 @@ mod tests {
         let ts = statements(
             &parse("report=timeseries&domain=a.b&period=24h").unwrap(),
             &m,
-            Visits::Field,
+            SessionStorage::Field,
         );
         assert!(ts[0].contains("GROUP BY time(1h) fill(0)"), "{}", ts[0]);
         let ts = statements(
             &parse("report=timeseries&domain=a.b&period=30d").unwrap(),
             &m,
-            Visits::Field,
+            SessionStorage::Field,
         );
         assert!(ts[0].contains("GROUP BY time(1d) fill(0)"), "{}", ts[0]);
     }
@@ -1087,7 +1085,7 @@ mod tests {
             {"name":"pf_analytics","tags":{"platform":"Mac"},"columns":["time","pageviews","visits"],"values":[[0,1,1]]}]"#,
         );
         let json: Value = serde_json::from_slice(
-            &answer(&q, Visits::Field, None, std::slice::from_ref(&body))
+            &answer(&q, SessionStorage::Field, None, std::slice::from_ref(&body))
                 .unwrap()
                 .body,
         )
@@ -1101,12 +1099,32 @@ mod tests {
             "by page views, empty key left out, limited"
         );
         q.format = Format::Csv;
-        let csv =
-            String::from_utf8(answer(&q, Visits::Field, None, &[body]).unwrap().body).unwrap();
+        let csv = String::from_utf8(
+            answer(&q, SessionStorage::Field, None, &[body])
+                .unwrap()
+                .body,
+        )
+        .unwrap();
         assert_eq!(
             csv,
             "key,pageviews,visits\r\n\"Linux, x86\",7,1\r\n'=cmd|' /C calc'!A0,5,3\r\n"
         );
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_and_never_formulas() {
+        for (value, field) in [
+            ("/a", "/a"),
+            ("-60", "-60"),
+            ("=1+2", "'=1+2"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("a,b", "\"a,b\""),
+            ("say \"hi\"", "\"say \"\"hi\"\"\""),
+            ("=a,b", "\"'=a,b\""),
+        ] {
+            assert_eq!(csv_field(value), field, "{value}");
+        }
     }
 
     #[test]
@@ -1118,11 +1136,15 @@ mod tests {
             b"<html>502</html>",
             b"{}",
         ] {
-            assert!(answer(&q, Visits::Field, None, &[body.to_vec()]).is_err());
+            assert!(answer(&q, SessionStorage::Field, None, &[body.to_vec()]).is_err());
         }
         let empty = influx("");
-        let json: Value =
-            serde_json::from_slice(&answer(&q, Visits::Off, None, &[empty]).unwrap().body).unwrap();
+        let json: Value = serde_json::from_slice(
+            &answer(&q, SessionStorage::Off, None, &[empty])
+                .unwrap()
+                .body,
+        )
+        .unwrap();
         assert_eq!(json, json!({"visits": null, "pageviews": 0}));
     }
 
@@ -1135,9 +1157,12 @@ mod tests {
         let body = influx(&format!(
             r#","series":[{{"name":"pf_analytics","columns":["time","pageviews","visits"],"values":[[{day2},4,2]]}}]"#
         ));
-        let json: Value =
-            serde_json::from_slice(&answer(&q, Visits::Field, None, &[body]).unwrap().body)
-                .unwrap();
+        let json: Value = serde_json::from_slice(
+            &answer(&q, SessionStorage::Field, None, &[body])
+                .unwrap()
+                .body,
+        )
+        .unwrap();
         assert_eq!(
             json,
             json!({"interval": "1d", "points": [
