@@ -35,6 +35,7 @@ demo: deps
 
 bench: deps
 	./bench/run.sh
+	./bench/hotpath.sh
 
 # Overload: 2,000 connections while InfluxDB is frozen for 10 s. With
 # BASELINE_MODULE=/path/to/an/older/libngx_http_analytics_module.so it alternates that module and

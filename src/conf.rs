@@ -369,6 +369,8 @@ fn duplicate<T>(value: &Option<T>) -> Result<(), String> {
 }
 
 fn set_analytics(d: &mut Directive) -> Result<(), String> {
+    // Compile the bot list now, in the master, so every worker inherits it ready to use.
+    crate::core::bots::matcher()?;
     set_content_handler(d, crate::handler::analytics_handler)
 }
 

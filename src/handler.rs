@@ -26,9 +26,10 @@ use crate::batch::{self, Batch, Submitted};
 use crate::conf::AnalyticsLocConf;
 use crate::core::batch::Ticket;
 use crate::core::beacon::parse_beacon;
+use crate::core::beacon::MAX_EVENT_LEN;
 use crate::core::bots::is_bot;
 use crate::core::line_protocol::encode_point;
-use crate::core::policy::{check_policy, sanitize_snippet, Refusal};
+use crate::core::policy::{check_policy, snippet, Refusal};
 use crate::core::timestamp::{unix_now_ns, UniqueClock};
 use crate::HttpAnalyticsModule;
 
@@ -63,7 +64,7 @@ pub struct RequestCtx {
     /// `$analytics_reason`: why the beacon was refused (empty when it was not).
     pub reason: String,
     /// `$analytics_event`: the beacon's event name, lowercased (empty for page views).
-    pub event: String,
+    pub event: InlineText,
 }
 
 impl Default for RequestCtx {
@@ -84,8 +85,41 @@ impl Default for RequestCtx {
             report: ptr::null_mut(),
             outcome: outcome::INCOMPLETE,
             reason: String::new(),
-            event: String::new(),
+            event: InlineText::default(),
         }
+    }
+}
+
+/// A short text (an event name) stored inside the per-request state itself, so recording it
+/// allocates nothing.
+pub struct InlineText {
+    len: usize,
+    bytes: [u8; MAX_EVENT_LEN],
+}
+
+impl Default for InlineText {
+    fn default() -> Self {
+        InlineText {
+            len: 0,
+            bytes: [0; MAX_EVENT_LEN],
+        }
+    }
+}
+
+impl InlineText {
+    /// Stores `text`, cut at a character boundary to fit.
+    fn set(&mut self, text: &str) {
+        let mut len = text.len().min(self.bytes.len());
+        while !text.is_char_boundary(len) {
+            len -= 1;
+        }
+        self.bytes[..len].copy_from_slice(&text.as_bytes()[..len]);
+        self.len = len;
+    }
+
+    /// The stored text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -175,7 +209,11 @@ fn handle_request(request: &mut Request) -> ngx_int_t {
     // SAFETY: `r` is the valid request nginx passed to the content handler.
     let (method, content_length) = unsafe { ((*r).method, (*r).headers_in.content_length_n) };
 
-    let cors_origin = header_in(request, "origin").filter(|origin| lcf.cors_allows(origin));
+    // The Origin header is looked up only where CORS is configured.
+    let cors_origin = match lcf.cors_origins {
+        Some(_) => header_in(request, "origin").filter(|origin| lcf.cors_allows(origin)),
+        None => None,
+    };
     if let Some(origin) = &cors_origin {
         if add_cors_headers(request, origin).is_none() {
             return NGX_ERROR;
@@ -203,7 +241,7 @@ fn handle_request(request: &mut Request) -> ngx_int_t {
         );
     }
 
-    if lcf.drop_bots() && header_in(request, "user-agent").is_some_and(|ua| is_bot(&ua)) {
+    if lcf.drop_bots() && is_bot(user_agent(request)) {
         // Same answer as an accepted beacon: a bot learns nothing.
         // SAFETY: as above.
         let rc = unsafe { ngx_http_discard_request_body(r) };
@@ -246,7 +284,10 @@ fn process_beacon(request: &mut Request) -> ngx_int_t {
     let Some(lcf) = HttpAnalyticsModule::location_conf(request) else {
         return INTERNAL_ERROR;
     };
-    let body = match read_body(request, lcf.max_body_size()) {
+    let r: *mut ngx_http_request_t = request.into();
+    // SAFETY: `r` is the request whose body nginx has read; `body` is dropped before this
+    // function returns, while the request and its pool are alive.
+    let body = match unsafe { read_body(r, lcf.max_body_size()) } {
         Ok(body) => body,
         Err(BodyError::TooLarge) => return refuse_too_large(request),
         Err(BodyError::Io) => {
@@ -267,7 +308,7 @@ fn process_beacon(request: &mut Request) -> ngx_int_t {
         }
     };
     if let Some(name) = beacon.event_name() {
-        with_ctx(request, |ctx| ctx.event = sanitize_snippet(name));
+        with_ctx(request, |ctx| ctx.event.set(&snippet(name)));
     }
 
     let host = request_host(request);
@@ -389,6 +430,18 @@ fn refuse_too_large(request: &mut Request) -> ngx_int_t {
     TOO_LARGE
 }
 
+/// The request's `User-Agent` (empty when absent), borrowed from the request: nginx has
+/// already found it while parsing the headers.
+fn user_agent(request: &Request) -> &[u8] {
+    let r: &ngx_http_request_t = request.as_ref();
+    // SAFETY: NULL or the header element nginx keeps for the request's User-Agent, alive as
+    // long as the request.
+    match unsafe { r.headers_in.user_agent.as_ref() } {
+        Some(header) => header.value.as_bytes(),
+        None => &[],
+    }
+}
+
 /// The value of request header `name` (lowercase), if present and valid UTF-8.
 fn header_in(request: &Request, name: &str) -> Option<String> {
     request
@@ -439,9 +492,9 @@ pub fn request_ctx_ptr(request: &Request) -> *mut RequestCtx {
 }
 
 /// The request's own host without port (`$host` minus the fallback to `server_name`).
-fn request_host(request: &Request) -> String {
+fn request_host(request: &Request) -> Cow<'_, str> {
     let r: &ngx_http_request_t = request.as_ref();
-    String::from_utf8_lossy(r.headers_in.server.as_bytes()).into_owned()
+    String::from_utf8_lossy(r.headers_in.server.as_bytes())
 }
 
 enum BodyError {
@@ -449,16 +502,31 @@ enum BodyError {
     Io,
 }
 
-/// Collects the request body from memory buffers and, when nginx spilled it, the temp file.
-fn read_body(request: &Request, limit: usize) -> Result<Vec<u8>, BodyError> {
-    let r: &ngx_http_request_t = request.as_ref();
-    let mut body = Vec::new();
-    // SAFETY: the body has been read completely; `request_body` (if any) and its chain belong to
-    // the request pool and stay valid while we hold the request.
-    let mut link = match unsafe { r.request_body.as_ref() } {
+/// The request body: borrowed where nginx read it when it is in one memory buffer (the usual
+/// case for a beacon), otherwise collected from the memory buffers and, when nginx spilled it,
+/// the temp file.
+///
+/// # Safety
+/// `r` is a valid request whose body has been read completely; the result must not outlive it.
+unsafe fn read_body<'a>(
+    r: *const ngx_http_request_t,
+    limit: usize,
+) -> Result<Cow<'a, [u8]>, BodyError> {
+    // SAFETY: `request_body` (if any) and its chain belong to the request pool and stay valid
+    // while the request lives (the caller's promise).
+    let first = match unsafe { (*r).request_body.as_ref() } {
         Some(rb) => rb.bufs,
         None => ptr::null_mut(),
     };
+    // SAFETY: as above.
+    if let Some(bytes) = unsafe { single_memory_buffer(first) } {
+        if bytes.len() > limit {
+            return Err(BodyError::TooLarge);
+        }
+        return Ok(Cow::Borrowed(bytes));
+    }
+    let mut body = Vec::new();
+    let mut link = first;
     // SAFETY: each chain link and buffer of a read body is valid (see above).
     while let Some(cl) = unsafe { link.as_ref() } {
         // SAFETY: as above.
@@ -467,7 +535,36 @@ fn read_body(request: &Request, limit: usize) -> Result<Vec<u8>, BodyError> {
         }
         link = cl.next;
     }
-    Ok(body)
+    Ok(Cow::Owned(body))
+}
+
+/// The content of a body chain whose data is all in one memory buffer (empty buffers, such as
+/// the last one of a chunked body, aside); `None` when it is spread or in a file.
+///
+/// # Safety
+/// `link` is NULL or the valid chain of a read body; the result must not outlive the request.
+unsafe fn single_memory_buffer<'a>(mut link: *const ngx_chain_t) -> Option<&'a [u8]> {
+    let mut found: Option<&'a [u8]> = None;
+    // SAFETY: each chain link and buffer of a read body is valid (the caller's promise).
+    while let Some(cl) = unsafe { link.as_ref() } {
+        // SAFETY: as above.
+        if let Some(buf) = unsafe { cl.buf.as_ref() } {
+            if buf.in_file() != 0 {
+                return None;
+            }
+            if !buf.pos.is_null() && buf.last > buf.pos {
+                if found.is_some() {
+                    return None;
+                }
+                // SAFETY: pos..last is the initialized content of an in-memory body buffer.
+                let len = unsafe { buf.last.offset_from(buf.pos) } as usize;
+                // SAFETY: as above; the buffer lives in the request pool.
+                found = Some(unsafe { std::slice::from_raw_parts(buf.pos, len) });
+            }
+        }
+        link = cl.next;
+    }
+    Some(found.unwrap_or_default())
 }
 
 fn append_buf(body: &mut Vec<u8>, buf: &ngx_buf_t, limit: usize) -> Result<(), BodyError> {

@@ -393,9 +393,17 @@ impl Rng {
 /// it, the visit's session id and the point's timestamp.
 struct Generated {
     body: Value,
-    beacon: Beacon,
+    /// The body as sent (the beacon borrows its strings from it).
+    json: String,
     sess: Option<String>,
     ts: u64,
+}
+
+impl Generated {
+    /// The beacon the module's core makes of the body.
+    fn beacon(&self) -> Beacon<'_> {
+        parse_beacon(self.json.as_bytes()).expect("a generated beacon parses")
+    }
 }
 
 /// Whole UTC days: `[start, start + DAYS days)`, ending at the start of today.
@@ -505,11 +513,13 @@ fn generate(start: u64) -> Vec<Generated> {
     out.into_iter()
         .map(|(body, sess, ts)| {
             assert!(ts < start + DAYS * DAY_NS, "generated point past the range");
-            let beacon = parse_beacon(body.to_string().as_bytes())
-                .unwrap_or_else(|e| panic!("generated beacon {body} refused: {e:?}"));
+            let json = body.to_string();
+            if let Err(e) = parse_beacon(json.as_bytes()) {
+                panic!("generated beacon {body} refused: {e:?}");
+            }
             Generated {
                 body,
-                beacon,
+                json,
                 sess,
                 ts,
             }
@@ -531,7 +541,8 @@ fn line(g: &Generated, sess_as: SessAs) -> Vec<u8> {
     if let Some(sess) = &g.sess {
         body["sess_id"] = json!(sess);
     }
-    let beacon = parse_beacon(body.to_string().as_bytes()).expect("beacon with sess_id");
+    let json = body.to_string();
+    let beacon = parse_beacon(json.as_bytes()).expect("beacon with sess_id");
     let session = match sess_as {
         SessAs::Field => SessionStorage::Field,
         SessAs::Tag => SessionStorage::Tag,
@@ -606,16 +617,17 @@ fn expected(data: &[Generated]) -> Expected {
     let mut e = Expected::default();
     for g in data {
         let bucket = g.ts - g.ts % BUCKET_NS;
-        let common = g.beacon.common();
-        let domain = common.domain.clone();
-        match &g.beacon {
+        let beacon = g.beacon();
+        let common = beacon.common();
+        let domain = common.domain.to_string();
+        match &beacon {
             Beacon::PageView(view) => {
                 let key = (
                     bucket,
                     domain.clone(),
-                    common.page.clone(),
+                    common.page.to_string(),
                     view.referrer_host.clone(),
-                    common.platform.clone(),
+                    common.platform.as_deref().map(str::to_string),
                     common.timezone.map(|tz| tz.to_string()),
                 );
                 e.pages_15m
@@ -635,11 +647,16 @@ fn expected(data: &[Generated]) -> Expected {
             }
             Beacon::Event(event) => {
                 e.events_15m
-                    .entry((bucket, domain.clone(), event.name.clone()))
+                    .entry((bucket, domain.clone(), event.name.to_string()))
                     .or_default()
                     .add(&g.sess, event.value);
                 *e.notes_15m
-                    .entry((bucket, domain, event.name.clone(), event.note.clone()))
+                    .entry((
+                        bucket,
+                        domain,
+                        event.name.to_string(),
+                        event.note.to_string(),
+                    ))
                     .or_default() += 1;
             }
         }

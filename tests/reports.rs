@@ -151,7 +151,8 @@ fn line(hit: &Hit, index: usize) -> Vec<u8> {
             beacon["value"] = json!(v);
         }
     }
-    let beacon = parse_beacon(beacon.to_string().as_bytes()).expect("a valid beacon");
+    let json = beacon.to_string();
+    let beacon = parse_beacon(json.as_bytes()).expect("a valid beacon");
     // Unique timestamps, as the module makes them (the index in the low bits).
     let ts = (hit.time_ms as u64) * 1_000_000 + index as u64;
     let mut out = Vec::new();

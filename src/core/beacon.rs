@@ -4,11 +4,14 @@
 //! The body must be a UTF-8 JSON object. Only the known keys are looked at; unknown keys are
 //! skipped without being stored. A known key may appear only once. `null` for an optional key
 //! means "absent"; for a required key it means "missing".
+//!
+//! Strings are borrowed from the body wherever JSON allows it (no escape sequence, nothing to
+//! lowercase or cut), so a typical beacon is validated without allocating.
 
+use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde_json::Value;
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 /// Longest accepted `domain` after normalization, in bytes (the longest DNS name).
 pub const MAX_DOMAIN_LEN: usize = 253;
@@ -33,26 +36,26 @@ pub const MAX_PAGES_VIEWED: i64 = 1_000_000;
 /// Largest accepted magnitude of an event's `value`.
 pub const MAX_VALUE_MAGNITUDE: f64 = 1e15;
 
-/// Fields shared by page views and events.
+/// Fields shared by page views and events (strings borrowed from the body where possible).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Common {
+pub struct Common<'a> {
     /// Site host name: lowercase, no trailing dot, `[a-z0-9.-]{1,253}`.
-    pub domain: String,
+    pub domain: Cow<'a, str>,
     /// Path of the page, starting with `/`, without query and fragment (not yet sanitized).
-    pub page: String,
+    pub page: Cow<'a, str>,
     /// Offset from UTC in minutes as the browser reports it, `-840..=840`.
     pub timezone: Option<i32>,
     /// Browser platform string (at most 64 bytes, never empty).
-    pub platform: Option<String>,
+    pub platform: Option<Cow<'a, str>>,
     /// Session id chosen by the browser agent (at most 64 bytes, never empty).
-    pub sess_id: Option<String>,
+    pub sess_id: Option<Cow<'a, str>>,
 }
 
 /// A page-view beacon (a beacon without an `event` key).
 #[derive(Debug, Clone, PartialEq)]
-pub struct PageView {
+pub struct PageView<'a> {
     /// Shared fields.
-    pub common: Common,
+    pub common: Common<'a>,
     /// Host part of the referrer URL, when it had a usable one.
     pub referrer_host: Option<String>,
     /// Page load time in milliseconds, `0..=600000`.
@@ -63,32 +66,58 @@ pub struct PageView {
 
 /// A named-event beacon (a beacon with an `event` key).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Event {
+pub struct Event<'a> {
     /// Shared fields.
-    pub common: Common,
+    pub common: Common<'a>,
     /// Event name, ASCII-lowercased, at most 64 bytes; its charset is checked by the policy.
-    pub name: String,
+    pub name: Cow<'a, str>,
     /// Free-form note, at most 1024 bytes; empty when absent.
-    pub note: String,
+    pub note: Cow<'a, str>,
     /// Optional finite value with magnitude at most 1e15.
     pub value: Option<f64>,
 }
 
-/// A validated beacon.
+/// A validated beacon, borrowing from the body it was parsed from.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Beacon {
+pub enum Beacon<'a> {
     /// A page view.
-    PageView(PageView),
+    PageView(PageView<'a>),
     /// A named event.
-    Event(Event),
+    Event(Event<'a>),
 }
 
-impl Beacon {
+impl<'a> Beacon<'a> {
     /// The fields shared by both kinds.
-    pub fn common(&self) -> &Common {
+    pub fn common(&self) -> &Common<'a> {
         match self {
             Beacon::PageView(view) => &view.common,
             Beacon::Event(event) => &event.common,
+        }
+    }
+
+    /// The same beacon owning all its strings (no longer tied to the body).
+    pub fn into_owned(self) -> Beacon<'static> {
+        let own = |s: Cow<'_, str>| Cow::Owned(s.into_owned());
+        let common = |c: Common<'_>| Common {
+            domain: own(c.domain),
+            page: own(c.page),
+            timezone: c.timezone,
+            platform: c.platform.map(own),
+            sess_id: c.sess_id.map(own),
+        };
+        match self {
+            Beacon::PageView(view) => Beacon::PageView(PageView {
+                common: common(view.common),
+                referrer_host: view.referrer_host,
+                load_time: view.load_time,
+                pages_viewed: view.pages_viewed,
+            }),
+            Beacon::Event(event) => Beacon::Event(Event {
+                common: common(event.common),
+                name: own(event.name),
+                note: own(event.note),
+                value: event.value,
+            }),
         }
     }
 
@@ -249,27 +278,100 @@ impl<'de> Deserialize<'de> for MapKey {
     }
 }
 
+/// A JSON value of a known key: strings borrowed from the body when they hold no escape,
+/// numbers as parsed, and everything else reduced to its kind (nested arrays and objects are
+/// still walked, so the nesting limit applies to them).
+#[derive(Debug)]
+enum Value<'a> {
+    Null,
+    String(Cow<'a, str>),
+    Integer(i64),
+    /// A non-negative integer (any `u64`; those above `i64::MAX` are out of every range).
+    Unsigned(u64),
+    Float(f64),
+    /// A boolean, an array or an object: never a valid value of a known key.
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Value<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ValueVisitor;
+
+        impl<'de> Visitor<'de> for ValueVisitor {
+            type Value = Value<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+
+            fn visit_unit<E>(self) -> Result<Value<'de>, E> {
+                Ok(Value::Null)
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<Value<'de>, E> {
+                Ok(Value::Other)
+            }
+
+            fn visit_i64<E>(self, n: i64) -> Result<Value<'de>, E> {
+                Ok(Value::Integer(n))
+            }
+
+            fn visit_u64<E>(self, n: u64) -> Result<Value<'de>, E> {
+                Ok(Value::Unsigned(n))
+            }
+
+            fn visit_f64<E>(self, n: f64) -> Result<Value<'de>, E> {
+                Ok(Value::Float(n))
+            }
+
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Value<'de>, E> {
+                Ok(Value::String(Cow::Borrowed(s)))
+            }
+
+            fn visit_str<E>(self, s: &str) -> Result<Value<'de>, E> {
+                Ok(Value::String(Cow::Owned(s.to_owned())))
+            }
+
+            fn visit_string<E>(self, s: String) -> Result<Value<'de>, E> {
+                Ok(Value::String(Cow::Owned(s)))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value<'de>, A::Error> {
+                while seq.next_element::<Value>()?.is_some() {}
+                Ok(Value::Other)
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value<'de>, A::Error> {
+                while map.next_entry::<IgnoredAny, Value>()?.is_some() {}
+                Ok(Value::Other)
+            }
+        }
+
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
 /// The known keys of a beacon object, still as raw JSON values.
 #[derive(Default)]
-struct RawBeacon {
+struct RawBeacon<'a> {
     /// Indexed by `Key as usize`; `Some(Value::Null)` records an explicit `null`.
-    values: [Option<Value>; KEY_COUNT],
+    values: [Option<Value<'a>>; KEY_COUNT],
     /// The first known key seen twice.
     duplicate: Option<Key>,
 }
 
-impl<'de> Deserialize<'de> for RawBeacon {
+impl<'de> Deserialize<'de> for RawBeacon<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct RawVisitor;
 
         impl<'de> Visitor<'de> for RawVisitor {
-            type Value = RawBeacon;
+            type Value = RawBeacon<'de>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object")
             }
 
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawBeacon, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawBeacon<'de>, A::Error> {
                 let mut raw = RawBeacon::default();
                 while let Some(MapKey(key)) = map.next_key()? {
                     let slot = match key {
@@ -297,16 +399,16 @@ impl<'de> Deserialize<'de> for RawBeacon {
     }
 }
 
-impl RawBeacon {
+impl<'a> RawBeacon<'a> {
     /// Takes the value of `key`; `null` counts as absent.
-    fn take(&mut self, key: Key) -> Option<Value> {
+    fn take(&mut self, key: Key) -> Option<Value<'a>> {
         match self.values.get_mut(key as usize).and_then(Option::take) {
             None | Some(Value::Null) => None,
             Some(value) => Some(value),
         }
     }
 
-    fn opt_string(&mut self, key: Key, max: usize) -> Result<Option<String>, BeaconError> {
+    fn opt_string(&mut self, key: Key, max: usize) -> Result<Option<Cow<'a, str>>, BeaconError> {
         match self.take(key) {
             None => Ok(None),
             Some(Value::String(s)) if s.len() > max => Err(BeaconError::TooLong {
@@ -319,11 +421,15 @@ impl RawBeacon {
     }
 
     /// An optional string where the empty string also means absent.
-    fn opt_nonempty_string(&mut self, key: Key, max: usize) -> Result<Option<String>, BeaconError> {
+    fn opt_nonempty_string(
+        &mut self,
+        key: Key,
+        max: usize,
+    ) -> Result<Option<Cow<'a, str>>, BeaconError> {
         Ok(self.opt_string(key, max)?.filter(|s| !s.is_empty()))
     }
 
-    fn required_string(&mut self, key: Key) -> Result<String, BeaconError> {
+    fn required_string(&mut self, key: Key) -> Result<Cow<'a, str>, BeaconError> {
         match self.take(key) {
             None => Err(BeaconError::Missing(key.name())),
             Some(Value::String(s)) => Ok(s),
@@ -340,13 +446,16 @@ impl RawBeacon {
 
     /// An optional finite JSON number (integer or float) within `min..=max`.
     fn opt_number(&mut self, key: Key, min: f64, max: f64) -> Result<Option<f64>, BeaconError> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(Value::Number(n)) => match n.as_f64() {
-                Some(v) if v.is_finite() && v >= min && v <= max => Ok(Some(v)),
-                _ => Err(out_of_range(key, min, max)),
-            },
-            Some(_) => Err(wrong_type(key, "a number")),
+        let number = match self.take(key) {
+            None => return Ok(None),
+            Some(Value::Integer(n)) => n as f64,
+            Some(Value::Unsigned(n)) => n as f64,
+            Some(Value::Float(n)) => n,
+            Some(_) => return Err(wrong_type(key, "a number")),
+        };
+        match number {
+            v if v.is_finite() && v >= min && v <= max => Ok(Some(v)),
+            _ => Err(out_of_range(key, min, max)),
         }
     }
 
@@ -377,13 +486,13 @@ impl RawBeacon {
 
 /// Checks that `value` is a JSON integer within `min..=max`.
 fn integer(key: Key, value: &Value, min: i64, max: i64) -> Result<i64, BeaconError> {
-    match value {
-        Value::Number(n) if n.is_i64() || n.is_u64() => n
-            .as_i64()
-            .filter(|n| (min..=max).contains(n))
-            .ok_or_else(|| out_of_range(key, min as f64, max as f64)),
-        _ => Err(wrong_type(key, "an integer")),
-    }
+    let n = match *value {
+        Value::Integer(n) => Some(n),
+        Value::Unsigned(n) => i64::try_from(n).ok(),
+        _ => return Err(wrong_type(key, "an integer")),
+    };
+    n.filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| out_of_range(key, min as f64, max as f64))
 }
 
 fn wrong_type(key: Key, expected: &'static str) -> BeaconError {
@@ -414,8 +523,8 @@ fn json_error(err: &serde_json::Error) -> BeaconError {
     BeaconError::InvalidJson(msg)
 }
 
-/// Parses and validates a beacon body.
-pub fn parse_beacon(body: &[u8]) -> Result<Beacon, BeaconError> {
+/// Parses and validates a beacon body; the beacon borrows its strings from `body` where it can.
+pub fn parse_beacon(body: &[u8]) -> Result<Beacon<'_>, BeaconError> {
     let text = std::str::from_utf8(body).map_err(|_| BeaconError::NotUtf8)?;
     let trimmed = text.trim_start_matches([' ', '\t', '\n', '\r']);
     if trimmed.is_empty() {
@@ -434,20 +543,23 @@ pub fn parse_beacon(body: &[u8]) -> Result<Beacon, BeaconError> {
     }
 
     let domain = raw.required_string(Key::Domain)?;
-    let domain = normalize_domain(&domain).ok_or(BeaconError::Invalid("domain"))?;
+    let domain = normalize_domain(domain).ok_or(BeaconError::Invalid("domain"))?;
 
-    let page = raw.required_string(Key::Page)?;
-    let page = page.split(['?', '#']).next().unwrap_or_default();
+    let mut page = raw.required_string(Key::Page)?;
+    let path_len = page.find(['?', '#']).unwrap_or(page.len());
     if !page.starts_with('/') {
         return Err(BeaconError::PageNotAbsolute);
     }
-    if page.len() > MAX_PAGE_LEN {
+    if path_len > MAX_PAGE_LEN {
         return Err(BeaconError::TooLong {
             field: "page",
             max: MAX_PAGE_LEN,
         });
     }
-    let page = page.to_owned();
+    match &mut page {
+        Cow::Borrowed(path) => *path = &path[..path_len],
+        Cow::Owned(path) => path.truncate(path_len),
+    }
 
     let timezone = raw.opt_integer(Key::Timezone, -MAX_TIMEZONE_MINUTES, MAX_TIMEZONE_MINUTES)?;
     let utcoffset = raw.opt_utcoffset()?;
@@ -476,7 +588,7 @@ pub fn parse_beacon(body: &[u8]) -> Result<Beacon, BeaconError> {
             let value = raw.opt_number(Key::Value, -MAX_VALUE_MAGNITUDE, MAX_VALUE_MAGNITUDE)?;
             Ok(Beacon::Event(Event {
                 common,
-                name: name.to_ascii_lowercase(),
+                name: ascii_lowercase(name),
                 note,
                 value,
             }))
@@ -504,12 +616,29 @@ fn is_host_name(host: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
 }
 
-/// Trims ASCII whitespace, lowercases, drops one trailing dot and checks the charset.
-pub fn normalize_domain(domain: &str) -> Option<String> {
-    let mut domain = domain.trim_ascii().to_ascii_lowercase();
-    if domain.ends_with('.') {
-        domain.pop();
+/// `s` ASCII-lowercased, copied only when it has an uppercase letter.
+fn ascii_lowercase(s: Cow<'_, str>) -> Cow<'_, str> {
+    if !s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return s;
     }
+    let mut s = s.into_owned();
+    s.make_ascii_lowercase();
+    Cow::Owned(s)
+}
+
+/// Trims ASCII whitespace, lowercases, drops one trailing dot and checks the charset.
+pub fn normalize_domain(domain: Cow<'_, str>) -> Option<Cow<'_, str>> {
+    // The byte range that is kept: whitespace around and one trailing dot left out.
+    let kept = |s: &str| {
+        let start = s.len() - s.trim_ascii_start().len();
+        let inner = s.trim_ascii();
+        start..start + inner.strip_suffix('.').unwrap_or(inner).len()
+    };
+    let domain = match domain {
+        Cow::Borrowed(s) => Cow::Borrowed(&s[kept(s)]),
+        Cow::Owned(s) => Cow::Owned(s[kept(&s)].to_owned()),
+    };
+    let domain = ascii_lowercase(domain);
     is_host_name(&domain).then_some(domain)
 }
 
@@ -573,19 +702,21 @@ mod tests {
         format!(r#"{{"domain":"example.com","page":"/","event":"click"{extra}}}"#)
     }
 
-    fn parse(body: &str) -> Result<Beacon, String> {
-        parse_beacon(body.as_bytes()).map_err(|e| e.to_string())
+    fn parse(body: &str) -> Result<Beacon<'static>, String> {
+        parse_beacon(body.as_bytes())
+            .map(Beacon::into_owned)
+            .map_err(|e| e.to_string())
     }
 
-    fn parse_view(body: &str) -> PageView {
-        match parse_beacon(body.as_bytes()) {
+    fn parse_view(body: &str) -> PageView<'static> {
+        match parse_beacon(body.as_bytes()).map(Beacon::into_owned) {
             Ok(Beacon::PageView(view)) => view,
             other => panic!("expected a page view for {body}, got {other:?}"),
         }
     }
 
-    fn parse_event(body: &str) -> Event {
-        match parse_beacon(body.as_bytes()) {
+    fn parse_event(body: &str) -> Event<'static> {
+        match parse_beacon(body.as_bytes()).map(Beacon::into_owned) {
             Ok(Beacon::Event(event)) => event,
             other => panic!("expected an event for {body}, got {other:?}"),
         }
@@ -593,6 +724,47 @@ mod tests {
 
     fn json_string(s: &str) -> String {
         serde_json::to_string(s).unwrap()
+    }
+
+    #[test]
+    fn a_plain_beacon_borrows_its_strings_from_the_body() {
+        let body = br#"{"domain":"www.example.com","page":"/a?q=1","platform":"Linux x86_64",
+            "sess_id":"07ab","event":"socialclick","note":"mastodon"}"#;
+        let Ok(Beacon::Event(event)) = parse_beacon(body) else {
+            panic!("not an event");
+        };
+        let common = &event.common;
+        for (field, value) in [
+            ("domain", Some(&common.domain)),
+            ("page", Some(&common.page)),
+            ("platform", common.platform.as_ref()),
+            ("sess_id", common.sess_id.as_ref()),
+            ("event", Some(&event.name)),
+            ("note", Some(&event.note)),
+        ] {
+            assert!(
+                matches!(value, Some(Cow::Borrowed(_))),
+                "{field}: {value:?}"
+            );
+        }
+        assert_eq!(&*common.page, "/a");
+
+        // Escapes, uppercase and a trailing dot need a copy, with the same result.
+        let body =
+            br#"{"domain":" WWW.Example.com. ","page":"/\u0061?q","event":"Social\u0043lick",
+            "note":"a\"b"}"#;
+        let Ok(Beacon::Event(event)) = parse_beacon(body) else {
+            panic!("not an event");
+        };
+        assert_eq!(
+            (
+                &*event.common.domain,
+                &*event.common.page,
+                &*event.name,
+                &*event.note
+            ),
+            ("www.example.com", "/a", "socialclick", "a\"b")
+        );
     }
 
     #[test]
@@ -1044,7 +1216,7 @@ mod tests {
             }
         );
         let event = parse_event(&event(r#","note":null,"value":null"#));
-        assert_eq!((event.note.as_str(), event.value), ("", None));
+        assert_eq!((&*event.note, event.value), ("", None));
     }
 
     #[test]
@@ -1081,7 +1253,7 @@ mod tests {
             let got = parse(&body).map(|b| b.common().domain.clone());
             assert_eq!(
                 got,
-                expected.map(str::to_owned).map_err(str::to_owned),
+                expected.map(Cow::Borrowed).map_err(str::to_owned),
                 "{domain:?}"
             );
         }
@@ -1111,7 +1283,7 @@ mod tests {
             let got = parse(&body).map(|b| b.common().page.clone());
             assert_eq!(
                 got,
-                expected.map(str::to_owned).map_err(str::to_owned),
+                expected.map(Cow::Borrowed).map_err(str::to_owned),
                 "{page:?}"
             );
         }

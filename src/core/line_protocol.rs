@@ -248,7 +248,7 @@ mod tests {
         encode(&parse_beacon(body.as_bytes()).unwrap())
     }
 
-    fn common() -> Common {
+    fn common() -> Common<'static> {
         Common {
             domain: "example.com".into(),
             page: "/".into(),
@@ -258,7 +258,7 @@ mod tests {
         }
     }
 
-    fn page_view() -> PageView {
+    fn page_view() -> PageView<'static> {
         PageView {
             common: common(),
             referrer_host: None,
@@ -828,18 +828,18 @@ mod tests {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for round in 0..20_000 {
             let common = Common {
-                domain: rng.string(),
-                page: format!("/{}", rng.string()),
+                domain: rng.string().into(),
+                page: format!("/{}", rng.string()).into(),
                 timezone: (rng.below(2) == 0).then(|| rng.below(1681) as i32 - 840),
-                platform: rng.maybe_string(),
-                sess_id: rng.maybe_string(),
+                platform: rng.maybe_string().map(Into::into),
+                sess_id: rng.maybe_string().map(Into::into),
             };
             let float = |rng: &mut Rng| (rng.below(2) == 0).then(|| f64::from_bits(rng.next()));
             let beacon = if round % 2 == 0 {
                 Beacon::Event(Event {
                     common,
-                    name: rng.string(),
-                    note: rng.string(),
+                    name: rng.string().into(),
+                    note: rng.string().into(),
                     value: float(&mut rng),
                 })
             } else {
@@ -871,9 +871,9 @@ mod tests {
                 Beacon::Event(e) => (
                     "pf_analytics_event",
                     vec![
-                        ("domain", Some(c.domain.as_str())),
-                        ("event", Some(e.name.as_str())),
-                        ("page", Some(c.page.as_str())),
+                        ("domain", Some(&*c.domain)),
+                        ("event", Some(&*e.name)),
+                        ("page", Some(&*c.page)),
                         ("platform", c.platform.as_deref()),
                         ("sess", sess_tag),
                         ("timezone", tz.as_deref()),
@@ -884,8 +884,8 @@ mod tests {
                 Beacon::PageView(v) => (
                     "pf_analytics",
                     vec![
-                        ("domain", Some(c.domain.as_str())),
-                        ("page", Some(c.page.as_str())),
+                        ("domain", Some(&*c.domain)),
+                        ("page", Some(&*c.page)),
                         ("platform", c.platform.as_deref()),
                         ("referrer", v.referrer_host.as_deref()),
                         ("sess", sess_tag),

@@ -1,6 +1,7 @@
 //! Configuration values (event names, domain patterns, measurement names) and the 422-class
 //! checks that a valid beacon must also pass.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use super::beacon::Beacon;
@@ -18,11 +19,19 @@ const MAX_HOST_LEN: usize = 253;
 /// A short, log-safe copy of a client-supplied value: control characters removed, at most
 /// 64 characters.
 pub fn sanitize_snippet(value: &str) -> String {
-    value
-        .chars()
-        .filter(|&c| !is_control(c))
-        .take(MAX_SNIPPET_CHARS)
-        .collect()
+    snippet(value).into_owned()
+}
+
+/// [`sanitize_snippet`] without a copy when `value` already is one (the usual case).
+pub fn snippet(value: &str) -> Cow<'_, str> {
+    for (chars, (i, c)) in value.char_indices().enumerate() {
+        if is_control(c) || chars == MAX_SNIPPET_CHARS {
+            let kept = value[i..].chars().filter(|&c| !is_control(c));
+            let rest = kept.take(MAX_SNIPPET_CHARS - chars);
+            return Cow::Owned(value[..i].chars().chain(rest).collect());
+        }
+    }
+    Cow::Borrowed(value)
 }
 
 /// Like [`sanitize_snippet`] but control characters are replaced by `?` (configuration errors).
@@ -183,7 +192,7 @@ pub fn check_policy(
     accepted_domains: Option<&[DomainPattern]>,
     request_host: &str,
 ) -> Result<(), Refusal> {
-    let domain = beacon.common().domain.as_str();
+    let domain: &str = &beacon.common().domain;
     let domain_ok = match accepted_domains {
         Some(patterns) => patterns.iter().any(|p| p.matches(domain)),
         None => {
@@ -253,10 +262,32 @@ mod tests {
     use super::*;
     use crate::core::beacon::parse_beacon;
 
-    fn beacon(domain: &str, event: Option<&str>) -> Beacon {
+    fn beacon(domain: &str, event: Option<&str>) -> Beacon<'static> {
         let event = event.map_or(String::new(), |e| format!(r#","event":"{e}""#));
         let body = format!(r#"{{"domain":"{domain}","page":"/"{event}}}"#);
-        parse_beacon(body.as_bytes()).unwrap()
+        parse_beacon(body.as_bytes()).unwrap().into_owned()
+    }
+
+    #[test]
+    fn snippet_copies_only_values_that_need_cleaning() {
+        let long = "é".repeat(70);
+        for (value, borrowed) in [
+            ("socialclick", true),
+            ("", true),
+            ("a\nb\u{7f}c", false),
+            (&long[..128], true),
+            (&long[..], false),
+            ("x\u{1b}[31m", false),
+        ] {
+            let got = snippet(value);
+            let expected: String = value
+                .chars()
+                .filter(|&c| !is_control(c))
+                .take(MAX_SNIPPET_CHARS)
+                .collect();
+            assert_eq!(got, expected, "{value:?}");
+            assert_eq!(matches!(got, Cow::Borrowed(_)), borrowed, "{value:?}");
+        }
     }
 
     #[test]

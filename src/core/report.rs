@@ -8,6 +8,7 @@
 //! line of defence. Measurement names come from the configuration (already validated), the
 //! times are integers. Every statement is a single `SELECT` or `SHOW`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -204,12 +205,16 @@ pub fn parse_report_query(args: &[u8], now_ms: i64) -> Result<ReportQuery, Param
     let domain = match (values.get("domain"), report) {
         (None, Report::Domains) => None,
         (None, _) => return Err(bad("domain", "is missing")),
-        (Some(d), _) => Some(normalize_domain(d).ok_or_else(|| {
-            bad(
-                "domain",
-                "must be a host name: letters, digits, '.' and '-'",
-            )
-        })?),
+        (Some(d), _) => Some(
+            normalize_domain(d.as_str().into())
+                .map(Cow::into_owned)
+                .ok_or_else(|| {
+                    bad(
+                        "domain",
+                        "must be a host name: letters, digits, '.' and '-'",
+                    )
+                })?,
+        ),
     };
 
     let range = match (values.get("period"), values.get("from"), values.get("to")) {

@@ -300,11 +300,11 @@ pub fn check_point(
 /// The whole property for one body: never panics on any input; an accepted beacon round-trips
 /// with `analytics_session session`, and with `off` no byte of its session id is in the line.
 /// Returns the beacon when it was accepted (for callers that compare it with what they sent).
-pub fn check_body(
-    body: &[u8],
+pub fn check_body<'a>(
+    body: &'a [u8],
     measurements: &Measurements,
     session: SessionStorage,
-) -> Option<Beacon> {
+) -> Option<Beacon<'a>> {
     let beacon = match parse_beacon(body) {
         Ok(beacon) => beacon,
         Err(err) => {
@@ -346,6 +346,8 @@ pub fn check_body(
 
 #[cfg(test)]
 mod props {
+    use std::borrow::Cow;
+
     use super::*;
     use crate::core::beacon::referrer_host;
 
@@ -757,7 +759,7 @@ mod props {
         let want_page = page.split(['?', '#']).next().unwrap();
         prop_assert_eq!(&common.page, want_page);
 
-        let nonempty = |key| s(key).filter(|v| !v.is_empty()).map(str::to_owned);
+        let nonempty = |key| s(key).filter(|v| !v.is_empty()).map(Cow::Borrowed);
         prop_assert_eq!(&common.platform, &nonempty("platform"));
         prop_assert_eq!(&common.sess_id, &nonempty("sess_id"));
 

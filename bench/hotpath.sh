@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Hot-path benchmark: user CPU of the nginx worker per request, read from /proc/<pid>/stat,
+# for the module's dry path (`analytics_write off`: read the body, parse, validate, encode, no
+# write) against nginx's own floor (`return 204`), with the same request (a browser's headers and
+# a 150-byte event beacon) in every case. One nginx with one worker pinned to CPU 0, wrk pinned
+# to CPU 1 when there are two CPUs. Cases, run in alternating rounds (so a busy machine hits all
+# of them alike) and reported as medians:
+#   floor           `return 204`
+#   dry             dry path, `analytics_drop_bots off`, browser user agent
+#   dry+bots        dry path, `analytics_drop_bots on`, browser user agent (the common case)
+#   dry bot-ua      dry path, `analytics_drop_bots off`, crawler user agent (fully validated)
+#   dry+bots bot-ua dry path, `analytics_drop_bots on`, crawler user agent (dropped as a bot)
+#   dry many-ua     dry path, `analytics_drop_bots off`, 4,096 different browser user agents in
+#                   turn (from tests/fixtures/isbot/browsers-sample.txt)
+#   dry+bots many-ua  the same with `analytics_drop_bots on`: bot detection when the worker's
+#                   cache of recent verdicts (256 user agents) misses
+# Settings: HOTPATH_ROUNDS (default 5), HOTPATH_DURATION (s per case and round, 4),
+# HOTPATH_CONNECTIONS (32), HOTPATH_PORT (18190).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+rounds=${HOTPATH_ROUNDS:-5}
+duration=${HOTPATH_DURATION:-4}
+connections=${HOTPATH_CONNECTIONS:-32}
+port=${HOTPATH_PORT:-18190}
+
+cargo build --release --quiet
+# shellcheck source=scripts/lib.sh
+. "$root/scripts/lib.sh"
+nginx_bin=$(release_nginx)
+
+run=$(mktemp -d)
+cleanup() {
+    stop_all
+    rm -rf "$run"
+}
+trap cleanup EXIT
+mkdir -p "$run/nginx/logs"
+
+pin_worker="" pin_wrk=()
+if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
+    pin_worker="worker_cpu_affinity 01;"
+    pin_wrk=(taskset -c 1)
+fi
+
+cat > "$run/nginx/nginx.conf" <<CONF
+load_module $module;
+daemon off;
+master_process on;
+worker_processes 1;
+$pin_worker
+error_log logs/error.log warn;
+pid logs/nginx.pid;
+user root;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path client_body_temp;
+    server {
+        listen 127.0.0.1:$port;
+        server_name www.example.com;
+        permitted_events socialclick;
+        location = /floor { return 204; }
+        location = /dry { analytics; analytics_write off; analytics_drop_bots off; }
+        location = /dry_bots { analytics; analytics_write off; analytics_drop_bots on; }
+    }
+}
+CONF
+start_nginx "$nginx_bin" "$run/nginx" "http://127.0.0.1:$port/floor"
+worker=$(pgrep -P "$(cat "$run/nginx/logs/nginx.pid")" | head -n 1)
+
+# The same request in every case: a browser's headers (user agent from $HOTPATH_UA) and a
+# 150-byte event beacon.
+cat > "$run/beacon.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"domain":"www.example.com","page":"/posts/share.html","timezone":-60,'
+    .. '"platform":"Linux x86_64","sess_id":"07ab-8022","event":"socialclick","note":""}'
+wrk.headers["Host"] = "www.example.com"
+wrk.headers["User-Agent"] = os.getenv("HOTPATH_UA")
+wrk.headers["Content-Type"] = "text/plain;charset=UTF-8"
+wrk.headers["Accept"] = "*/*"
+wrk.headers["Accept-Language"] = "en-GB,en;q=0.9"
+wrk.headers["Accept-Encoding"] = "gzip, deflate, br, zstd"
+wrk.headers["Origin"] = "https://www.example.com"
+wrk.headers["Referer"] = "https://www.example.com/posts/share.html"
+wrk.headers["Sec-Fetch-Mode"] = "no-cors"
+-- With HOTPATH_UA_FILE, every request takes the next user agent of that file.
+local file = os.getenv("HOTPATH_UA_FILE")
+if file and file ~= "" then
+    local agents, i = {}, 0
+    for line in io.lines(file) do agents[#agents + 1] = line end
+    function request()
+        i = i % #agents + 1
+        local headers = {}
+        for k, v in pairs(wrk.headers) do headers[k] = v end
+        headers["User-Agent"] = agents[i]
+        return wrk.format(nil, nil, headers)
+    end
+end
+LUA
+head -n 4096 tests/fixtures/isbot/browsers-sample.txt > "$run/agents.txt"
+browser_ua="Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
+bot_ua="Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+
+cases=(floor dry dry+bots "dry bot-ua" "dry+bots bot-ua" "dry many-ua" "dry+bots many-ua")
+declare -A location=([floor]=floor [dry]=dry [dry+bots]=dry_bots ["dry bot-ua"]=dry
+    ["dry+bots bot-ua"]=dry_bots ["dry many-ua"]=dry ["dry+bots many-ua"]=dry_bots)
+declare -A agent=([floor]=$browser_ua [dry]=$browser_ua [dry+bots]=$browser_ua
+    ["dry bot-ua"]=$bot_ua ["dry+bots bot-ua"]=$bot_ua ["dry many-ua"]=$browser_ua
+    ["dry+bots many-ua"]=$browser_ua)
+
+# user and system CPU ticks of the worker (fields 14 and 15 of /proc/<pid>/stat; the fields are
+# counted after the ")" that closes the command name).
+cpu_ticks() {
+    sed 's/^.*) //' "/proc/$worker/stat" | awk '{ print $12, $13 }'
+}
+hz=$(getconf CLK_TCK)
+
+# run_case NAME SECONDS: prints "user_us_per_request sys_us_per_request requests_per_s".
+run_case() {
+    local name=$1 seconds=$2 before after out requests
+    before=$(cpu_ticks)
+    local agents=""
+    [[ $name == *many-ua ]] && agents="$run/agents.txt"
+    out=$(HOTPATH_UA=${agent[$name]} HOTPATH_UA_FILE=$agents "${pin_wrk[@]}" wrk -t1 -c"$connections" -d"${seconds}s" \
+        -s "$run/beacon.lua" "http://127.0.0.1:$port/${location[$name]}")
+    after=$(cpu_ticks)
+    requests=$(awk '/requests in/ { print $1 }' <<<"$out")
+    if grep -q 'Non-2xx' <<<"$out"; then
+        echo "case $name: unexpected answers:" >&2
+        echo "$out" >&2
+        return 1
+    fi
+    awk -v b="$before" -v a="$after" -v n="$requests" -v hz="$hz" -v s="$seconds" 'BEGIN {
+        split(b, x, " "); split(a, y, " ")
+        printf "%.3f %.3f %.0f\n", (y[1] - x[1]) * 1e6 / hz / n, (y[2] - x[2]) * 1e6 / hz / n, n / s
+    }'
+}
+
+median() {
+    sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2];
+        else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+for name in "${cases[@]}"; do run_case "$name" 1 >/dev/null; done
+declare -A user sys rps
+for round in $(seq 1 "$rounds"); do
+    for name in "${cases[@]}"; do
+        read -r u s r < <(run_case "$name" "$duration")
+        user[$name]+="$u "
+        sys[$name]+="$s "
+        rps[$name]+="$r "
+    done
+    echo "round $round/$rounds done" >&2
+done
+
+echo "worker user CPU per request, median of $rounds rounds of ${duration}s (wrk -t1" \
+    "-c$connections); 1 nginx worker; $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-16s %10s %10s %12s %10s   %s\n' case "user µs" "sys µs" "over floor" "req/s" \
+    "user µs per round"
+declare -A med
+for name in "${cases[@]}"; do
+    med[$name]=$(tr ' ' '\n' <<<"${user[$name]}" | grep . | median)
+done
+for name in "${cases[@]}"; do
+    s=$(tr ' ' '\n' <<<"${sys[$name]}" | grep . | median)
+    r=$(tr ' ' '\n' <<<"${rps[$name]}" | grep . | median)
+    over=$(awk -v a="${med[$name]}" -v b="${med[floor]}" 'BEGIN { printf "%+.2f", a - b }')
+    printf '%-16s %10s %10s %12s %10s   %s\n' "$name" "${med[$name]}" "$s" "$over" "$r" \
+        "${user[$name]}"
+done
+awk -v floor="${med[floor]}" -v dry="${med[dry]}" -v bots="${med[dry+bots]}" \
+    -v many="${med[dry many-ua]}" -v many_bots="${med[dry+bots many-ua]}" 'BEGIN {
+    printf "dry path over the floor (drop_bots off, browser):   %5.2f µs (target <= 1.0)\n", dry - floor
+    printf "dry path over the floor (drop_bots on, browser):    %5.2f µs (target <= 1.0)\n", bots - floor
+    printf "bot detection (drop_bots on - off, browser):        %5.2f µs (target <= 0.3)\n", bots - dry
+    printf "bot detection, 4,096 browsers in turn (cache miss): %5.2f µs\n", many_bots - many
+}'
