@@ -3,7 +3,7 @@
 //! `auth_basic`), on the known data set of tests/reports.rs in a real InfluxDB: the KPI numbers,
 //! the tables and the CSV downloads match the answers computed from the data set, a click on a
 //! top page narrows the dashboard to that page, nothing shifts while loading, and the page
-//! saves `docs/dashboard.png`. On an empty database it shows the empty state; with InfluxDB
+//! saves the README's screenshot (`docs/dashboard.png`, see `save_screenshot`). On an empty database it shows the empty state; with InfluxDB
 //! stopped, the error banner.
 
 mod common;
@@ -522,7 +522,9 @@ fn the_dashboard_shows_the_known_answers_and_narrows_to_a_page() {
     setup.nginx.assert_no_crash_in_log();
 }
 
-/// Saves `docs/dashboard.png`: the whole page at desktop width, light mode, no animation.
+/// Takes the screenshot: the whole page at desktop width, light mode, no animation. It goes to
+/// `target/dashboard.png`, and to the README's `docs/dashboard.png` with
+/// `NGX_ANALYTICS_UPDATE_SCREENSHOT=1` (so that a test run leaves the work tree as it was).
 fn save_screenshot(setup: &Setup) {
     setup.browser.cdp(
         "Emulation.setEmulatedMedia",
@@ -561,8 +563,12 @@ fn save_screenshot(setup: &Setup) {
     assert!(drawn, "the chart is drawn");
     let png = setup.browser.screenshot_png();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
-    let path = format!("{}/docs/dashboard.png", env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(format!("{}/docs", env!("CARGO_MANIFEST_DIR"))).expect("docs/");
+    let dir = match std::env::var_os("NGX_ANALYTICS_UPDATE_SCREENSHOT") {
+        Some(_) => "docs",
+        None => "target",
+    };
+    let path = format!("{}/{dir}/dashboard.png", env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(format!("{}/{dir}", env!("CARGO_MANIFEST_DIR"))).expect(dir);
     std::fs::write(&path, &png).unwrap_or_else(|e| panic!("writing {path}: {e}"));
     eprintln!(
         "saved {path}: {DESKTOP_WIDTH}x{height}, {} bytes",
