@@ -46,21 +46,28 @@ use std::cell::RefCell;
 use std::ffi::c_void;
 use std::ops::Range;
 use std::ptr;
+use std::time::Instant;
 
 use ngx::ffi::{
     ngx_add_timer, ngx_cycle, ngx_cycle_t, ngx_del_timer, ngx_delete_posted_event, ngx_event_t,
-    ngx_http_finalize_request, ngx_http_request_t, ngx_http_run_posted_requests, ngx_log_t,
-    ngx_pool_cleanup_add, ngx_post_event, ngx_posted_events, NGX_LOG_ERR, NGX_LOG_INFO,
+    ngx_http_finalize_request, ngx_http_request_t, ngx_http_run_posted_requests, ngx_int_t,
+    ngx_log_t, ngx_pool_cleanup_add, ngx_post_event, ngx_posted_events,
+    NGX_HTTP_CLIENT_CLOSED_REQUEST, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_LOG_ERR, NGX_LOG_INFO,
 };
-use ngx::http::Request;
+use ngx::http::{HttpModuleLocationConf, Request};
 use ngx::ngx_log_error;
 
+use crate::conf::AnalyticsLocConf;
 use crate::conf::WriteMode;
 use crate::core::batch::{BatchLimits, ChunkOutcome, LineBatch, WaitQueue, WritePlan};
-use crate::handler::{
-    answer_write_outcome, no_panic, request_ctx_ptr, resubmit, send_response, RequestCtx, NGX_DONE,
+use crate::request::{
+    answer_write_outcome, metrics, no_panic, outcome, record, request_ctx_ptr, send_response,
+    status, RequestCtx, NGX_DONE,
 };
 use crate::subrequest::{start_write, WriteCapture};
+use crate::HttpAnalyticsModule;
+
+const INTERNAL_ERROR: ngx_int_t = NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
 
 /// Most writes to one sink a worker runs at the same time; while this many are in flight and
 /// the open batch is full, further beacons wait for room instead of growing the batch.
@@ -102,6 +109,8 @@ pub struct Batch {
     writing: Option<(Range<usize>, *mut WriteCapture)>,
     /// Writes whose outcome was unknown and were written again.
     retries: u32,
+    /// When the chunk being written was started (for the write-duration metric).
+    write_started: Option<Instant>,
 }
 
 /// Most times a batch writes a chunk again whose outcome was unknown, before it fails it.
@@ -248,6 +257,9 @@ pub fn submit(
                 true => sink.waiting.push_front(ctx),
                 false => sink.waiting.push_back(ctx),
             });
+            if let Some(counters) = metrics() {
+                counters.add_waiting(1);
+            }
             ctx_ref.waiting_in = Some((sink, ticket));
             return Submitted::Parked;
         }
@@ -263,6 +275,7 @@ pub fn submit(
                 plan: WritePlan::new(0),
                 writing: None,
                 retries: 0,
+                write_started: None,
             }));
             with_sink(sink, |sink| sink.open = batch);
             batch
@@ -312,6 +325,44 @@ pub fn submit(
     }
 }
 
+/// Hands an encoded line to the batch for `uri`; returns the code to finalize the request with,
+/// or `NGX_DONE` when its batch (or a wait for room) will finish it.
+pub fn queue_line(
+    request: &mut Request,
+    lcf: &AnalyticsLocConf,
+    uri: &str,
+    line: Cow<[u8]>,
+) -> ngx_int_t {
+    match submit(request, uri, line, lcf.write_mode(), lcf.batch_limits()) {
+        Submitted::Parked => NGX_DONE,
+        Submitted::Queued => {
+            record(request, outcome::ACCEPTED, "");
+            send_response(request, status::NO_CONTENT, "")
+        }
+        Submitted::Error => {
+            record(request, outcome::ERROR, "");
+            INTERNAL_ERROR
+        }
+        Submitted::ClientGone => {
+            // Queued, with nobody left to answer.
+            record(request, outcome::ACCEPTED, "");
+            NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_int_t
+        }
+    }
+}
+
+/// Submits the line of a request that waited for room in a batch, again (the line moves; it is
+/// not copied unless it has to wait once more).
+pub fn resubmit(request: &mut Request, line: Vec<u8>) -> ngx_int_t {
+    match HttpAnalyticsModule::location_conf(request) {
+        Some(lcf) => match lcf.write_uri() {
+            Some(uri) => queue_line(request, lcf, uri, Cow::Owned(line)),
+            None => INTERNAL_ERROR,
+        },
+        None => INTERNAL_ERROR,
+    }
+}
+
 /// Keeps `lines` for the sink's next write: in its open batch if there is one, else carried
 /// until the next batch opens (bounded; beyond the bound they are logged and dropped).
 fn carry(sink: usize, lines: &[&[u8]], log: *mut ngx_log_t) {
@@ -358,7 +409,7 @@ fn park(r: *mut ngx_http_request_t, ctx: &mut RequestCtx, batch: *mut Batch) -> 
         cleanup.data = ptr::from_mut(ctx).cast::<c_void>();
     }
     ctx.request = r;
-    ctx.batch = batch;
+    ctx.batch = batch.cast();
     ctx.wake.handler = Some(wake_up);
     ctx.wake.data = r.cast::<c_void>();
     // SAFETY: a live request always has a connection with a log.
@@ -446,7 +497,7 @@ fn woken(r: *mut ngx_http_request_t, timed_out: bool) {
         return;
     };
     // SAFETY: `ctx.batch` is NULL or live (a batch clears it before it is freed).
-    match unsafe { ctx_ref.batch.as_mut() } {
+    match unsafe { ctx_ref.batch.cast::<Batch>().as_mut() } {
         Some(batch) if batch.leader == ctx => match batch.stage {
             Stage::Open if timed_out => {
                 let fits = with_sink(batch.sink, |sink| sink.in_flight < MAX_WRITES_IN_FLIGHT);
@@ -521,6 +572,10 @@ fn write_next_chunk(batch: *mut Batch) {
         let body = batch_ref.lines.chunk(&chunk);
         match start_write(request, uri, body) {
             Ok(capture) => {
+                if let Some(counters) = metrics() {
+                    counters.count_batch(chunk.len());
+                }
+                batch_ref.write_started = Some(Instant::now());
                 batch_ref.stage = Stage::Writing;
                 batch_ref.writing = Some((chunk, capture));
                 // SAFETY: `r` is valid; nginx runs the parent's write handler once the waited
@@ -549,7 +604,7 @@ unsafe extern "C" fn chunk_done(r: *mut ngx_http_request_t) {
             return;
         };
         // SAFETY: NULL or the live batch this request belongs to.
-        let Some(batch) = (unsafe { ctx.batch.as_mut() }) else {
+        let Some(batch) = (unsafe { ctx.batch.cast::<Batch>().as_mut() }) else {
             return;
         };
         if batch.leader != ptr::from_mut(ctx) {
@@ -608,6 +663,12 @@ fn record_answer(
             (status, m) => format!("sink answered {status}: {m}"),
         };
         log_failed_chunk(log, sink_uri(batch.sink), chunk.len(), &detail);
+    }
+    if let Some(counters) = metrics() {
+        let seconds = batch
+            .write_started
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        counters.count_write(outcome == ChunkOutcome::Stored, chunk.len(), seconds);
     }
     batch.plan.record(chunk, outcome);
 }
@@ -693,10 +754,13 @@ unsafe extern "C" fn request_gone(data: *mut c_void) {
             unsafe { ngx_delete_posted_event(&mut ctx.wake) };
         }
         if let Some((sink, ticket)) = ctx.waiting_in.take() {
-            with_sink(sink, |sink| sink.waiting.remove(ticket));
+            let removed = with_sink(sink, |sink| sink.waiting.remove(ticket));
+            if let (Some(_), Some(counters)) = (removed, metrics()) {
+                counters.add_waiting(-1);
+            }
         }
         let me = ptr::from_mut(ctx);
-        let batch = std::mem::replace(&mut ctx.batch, ptr::null_mut());
+        let batch = std::mem::replace(&mut ctx.batch, ptr::null_mut()).cast::<Batch>();
         // SAFETY: NULL or a live batch.
         let Some(batch_ref) = (unsafe { batch.as_mut() }) else {
             return;
@@ -803,6 +867,9 @@ fn wake_waiting(sink: usize) {
                 continue;
             };
             ctx.waiting_in = None;
+            if let Some(counters) = metrics() {
+                counters.add_waiting(-1);
+            }
             lines_room -= 1;
             bytes_room = bytes_room.saturating_sub(ctx.waiting_line.len());
             post_wake(ctx);

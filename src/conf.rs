@@ -13,7 +13,9 @@ use ngx::ffi::{
     ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF,
     NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
 };
-use ngx::http::{HttpModuleLocationConf, Merge, MergeConfigError, NgxHttpCoreModule};
+use ngx::http::{
+    HttpModuleLocationConf, HttpModuleMainConf, Merge, MergeConfigError, NgxHttpCoreModule,
+};
 use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::core::batch::{parse_batch_args, BatchLimits};
@@ -21,6 +23,8 @@ use crate::core::line_protocol::SessionStorage;
 use crate::core::policy::{
     push_event_names, validate_measurement_name, DomainPattern, Measurements,
 };
+use crate::metrics::{AnalyticsMainConf, ZoneSetting, MIN_ZONE_SIZE};
+use crate::HttpAnalyticsModule;
 
 /// Default URI of the internal location that receives the line protocol.
 pub const DEFAULT_WRITE_URI: &str = "/_analytics/write";
@@ -194,7 +198,7 @@ const fn command(
 }
 
 /// The module's directive table (terminated by an empty command, as nginx expects).
-pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 16] = [
+pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 18] = [
     command(
         ngx_string!("analytics"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
@@ -270,6 +274,16 @@ pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 16] = [
         ANY_LEVEL | NGX_CONF_TAKE1,
         cmd_session,
     ),
+    command(
+        ngx_string!("analytics_metrics"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        cmd_metrics,
+    ),
+    command(
+        ngx_string!("analytics_metrics_zone"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        cmd_metrics_zone,
+    ),
     ngx_command_t::empty(),
 ];
 
@@ -319,7 +333,7 @@ unsafe fn run_directive(
     };
     let mut directive = Directive { cf, args, conf };
     // A panic must not unwind into nginx (it would abort the master on reload).
-    let result = crate::handler::no_panic(Err("failed (internal error)".to_string()), || {
+    let result = crate::request::no_panic(Err("failed (internal error)".to_string()), || {
         handler(&mut directive)
     });
     match result {
@@ -359,6 +373,8 @@ directive_handler!(cmd_write_mode, set_write_mode);
 directive_handler!(cmd_measurements, set_measurements);
 directive_handler!(cmd_max_body_size, set_max_body_size);
 directive_handler!(cmd_report, set_report);
+directive_handler!(cmd_metrics, set_metrics);
+directive_handler!(cmd_metrics_zone, set_metrics_zone);
 directive_handler!(cmd_query, set_query);
 
 fn duplicate<T>(value: &Option<T>) -> Result<(), String> {
@@ -473,7 +489,54 @@ fn set_permitted_events(d: &mut Directive) -> Result<(), String> {
     for arg in &d.args {
         push_event_names(&mut names, arg)?;
     }
+    // Every configured name is a label value of the event counters.
+    let mcf = main_conf(d)?;
+    for name in &names {
+        if !mcf.event_names.contains(name) {
+            mcf.event_names.push(name.clone());
+        }
+    }
     d.conf.permitted_events = Some(names);
+    Ok(())
+}
+
+/// The module's main configuration of the `http` block being parsed.
+fn main_conf<'a>(d: &Directive) -> Result<&'a mut AnalyticsMainConf, String> {
+    // SAFETY: `d.cf` is the configuration context of a directive in an `http` block.
+    HttpAnalyticsModule::main_conf_mut(unsafe { &*d.cf })
+        .ok_or_else(|| "has no main configuration".to_string())
+}
+
+fn set_metrics(d: &mut Directive) -> Result<(), String> {
+    set_content_handler(d, crate::metrics::metrics_handler)
+}
+
+fn set_metrics_zone(d: &mut Directive) -> Result<(), String> {
+    let mcf = main_conf(d)?;
+    if mcf.zone != ZoneSetting::Default {
+        return Err("is duplicate".to_string());
+    }
+    mcf.zone = match d.args[..] {
+        ["off"] => ZoneSetting::Off,
+        [text] => {
+            let mut value = ngx_str_t {
+                len: text.len(),
+                data: text.as_ptr().cast_mut(),
+            };
+            // SAFETY: `value` points at `text`, which outlives the call; only read.
+            let size = unsafe { ngx_parse_size(&mut value) };
+            match usize::try_from(size) {
+                Ok(size) if size >= MIN_ZONE_SIZE => ZoneSetting::Size(size),
+                _ => {
+                    return Err(format!(
+                        "takes \"off\" or a size of at least {}k, not \"{text}\"",
+                        MIN_ZONE_SIZE / 1024
+                    ))
+                }
+            }
+        }
+        _ => return Err("takes one size or \"off\"".to_string()),
+    };
     Ok(())
 }
 

@@ -13,9 +13,8 @@ use std::fmt;
 use ngx::ffi::{ngx_http_request_t, ngx_int_t, NGX_HTTP_INTERNAL_SERVER_ERROR};
 use ngx::http::{HttpModuleLocationConf, Request};
 
-use crate::agent::{fnv1a, serve_from_memory, MemoryResponse};
 use crate::core::dashboard::dashboard_page;
-use crate::handler::no_panic;
+use crate::request::{fnv1a, no_panic, serve_from_memory, MemoryResponse};
 use crate::HttpAnalyticsModule;
 
 include!(concat!(env!("OUT_DIR"), "/dashboard_csp.rs"));

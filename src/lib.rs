@@ -19,7 +19,7 @@ use ngx::ffi::{
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, Merge};
 
-use crate::handler::no_panic;
+use crate::request::no_panic;
 
 mod agent;
 mod batch;
@@ -27,7 +27,9 @@ pub mod conf;
 pub mod core;
 mod dashboard;
 mod handler;
+mod metrics;
 mod report;
+mod request;
 mod subrequest;
 mod variables;
 
@@ -38,7 +40,7 @@ pub struct HttpAnalyticsModule;
 static NGX_HTTP_ANALYTICS_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     preconfiguration: Some(HttpAnalyticsModule::preconfiguration),
     postconfiguration: Some(HttpAnalyticsModule::postconfiguration),
-    create_main_conf: None,
+    create_main_conf: Some(create_main_conf),
     init_main_conf: None,
     create_srv_conf: None,
     merge_srv_conf: None,
@@ -82,17 +84,33 @@ impl HttpModule for HttpAnalyticsModule {
         })
     }
 
-    unsafe extern "C" fn postconfiguration(_cf: *mut ngx_conf_t) -> ngx_int_t {
-        // SAFETY: nginx runs postconfiguration once per cycle on its configuration thread,
-        // after every filter module has put its filters in the chains.
-        unsafe { subrequest::install_filters() };
-        NGX_OK
+    unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        no_panic(NGX_ERROR, || {
+            // SAFETY: nginx runs postconfiguration once per cycle on its configuration thread,
+            // after every filter module has put its filters in the chains.
+            unsafe { subrequest::install_filters() };
+            // SAFETY: the configuration context nginx passed.
+            match unsafe { metrics::add_zone(cf) } {
+                Ok(()) => NGX_OK,
+                Err(()) => NGX_ERROR,
+            }
+        })
     }
 }
 
 // The configuration callbacks are written here rather than taken from `HttpModule`'s defaults
 // so that a panic becomes a configuration error: a panic cannot unwind out of an
 // `extern "C"` function, and aborting would take the master process down on `nginx -s reload`.
+
+/// Creates the main configuration (the default metrics zone, no event names yet).
+unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    no_panic(ptr::null_mut(), || {
+        // SAFETY: nginx passes a valid configuration context with its pool.
+        let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
+        pool.allocate(metrics::AnalyticsMainConf::default())
+            .cast::<c_void>()
+    })
+}
 
 /// Creates the location configuration (all settings unset).
 unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
@@ -133,4 +151,9 @@ const NGX_ERROR: ngx_int_t = ngx::core::Status::NGX_ERROR.0;
 // SAFETY: `create_loc_conf` allocates exactly `conf::AnalyticsLocConf` for this module.
 unsafe impl HttpModuleLocationConf for HttpAnalyticsModule {
     type LocationConf = conf::AnalyticsLocConf;
+}
+
+// SAFETY: `create_main_conf` allocates exactly `metrics::AnalyticsMainConf` for this module.
+unsafe impl ngx::http::HttpModuleMainConf for HttpAnalyticsModule {
+    type MainConf = metrics::AnalyticsMainConf;
 }

@@ -25,7 +25,7 @@ use crate::core::report::{
     answer, error_body, parse_report_query, statements, Format, ReportQuery,
 };
 use crate::core::timestamp::unix_now_ns;
-use crate::handler::{no_panic, request_ctx_ptr, send_typed, RequestCtx, NGX_DONE, NGX_ERROR};
+use crate::request::{no_panic, request_ctx_ptr, send_typed, RequestCtx, NGX_DONE, NGX_ERROR};
 use crate::subrequest::{start_post, Capture};
 use crate::HttpAnalyticsModule;
 
@@ -93,7 +93,7 @@ fn handle_report(request: &mut Request) -> ngx_int_t {
         return NGX_ERROR;
     }
     // SAFETY: both were just allocated from the request pool and live as long as the request.
-    unsafe { (*ctx).report = state };
+    unsafe { (*ctx).report = state.cast() };
     request.set_module_ctx(ctx.cast(), HttpAnalyticsModule::module());
 
     // Reading the (empty) body takes the reference the statements' subrequests run under, as
@@ -133,7 +133,7 @@ fn step(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: NULL or the ctx `handle_report` created, in the request pool.
     let Some(state) = (unsafe { request_ctx_ptr(request).as_mut() })
         // SAFETY: NULL or the state `handle_report` created, in the request pool.
-        .and_then(|ctx| unsafe { ctx.report.as_mut() })
+        .and_then(|ctx| unsafe { ctx.report.cast::<ReportState>().as_mut() })
     else {
         return INTERNAL_ERROR;
     };

@@ -25,7 +25,7 @@ use ngx::ffi::{
 };
 use ngx::http::Request;
 
-use crate::handler::{body_chain, no_panic, NGX_ERROR, NGX_OK};
+use crate::request::{body_chain, no_panic, NGX_ERROR, NGX_OK};
 
 static POST_METHOD_NAME: &[u8] = b"POST";
 

@@ -11,6 +11,7 @@ pub mod beacon;
 pub mod bots;
 pub mod dashboard;
 pub mod line_protocol;
+pub mod metrics;
 pub mod policy;
 pub mod report;
 #[cfg(test)]
