@@ -14,6 +14,8 @@
 #                   turn (from tests/fixtures/isbot/browsers-sample.txt)
 #   dry+bots many-ua  the same with `analytics_drop_bots on`: bot detection when the worker's
 #                   cache of recent verdicts (256 user agents) misses
+#   dry nozone      dry path as `dry`, in a second nginx with `analytics_metrics_zone off`
+#                   (every other case counts into the metrics zone): the cost of the metrics
 # Settings: HOTPATH_ROUNDS (default 5), HOTPATH_DURATION (s per case and round, 4),
 # HOTPATH_CONNECTIONS (32), HOTPATH_PORT (18190).
 set -euo pipefail
@@ -35,7 +37,7 @@ cleanup() {
     rm -rf "$run"
 }
 trap cleanup EXIT
-mkdir -p "$run/nginx/logs"
+mkdir -p "$run/nginx/logs" "$run/nginx2/logs"
 
 pin_worker="" pin_wrk=()
 if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
@@ -68,6 +70,13 @@ http {
 CONF
 start_nginx "$nginx_bin" "$run/nginx" "http://127.0.0.1:$port/floor"
 worker=$(pgrep -P "$(cat "$run/nginx/logs/nginx.pid")" | head -n 1)
+
+# The same server without a metrics zone, on the next port.
+port2=$((port + 1))
+sed -e "s/127.0.0.1:$port;/127.0.0.1:$port2;/" -e "s/^http {/http {\n    analytics_metrics_zone off;/" \
+    "$run/nginx/nginx.conf" > "$run/nginx2/nginx.conf"
+start_nginx "$nginx_bin" "$run/nginx2" "http://127.0.0.1:$port2/floor"
+worker2=$(pgrep -P "$(cat "$run/nginx2/logs/nginx.pid")" | head -n 1)
 
 # The same request in every case: a browser's headers (user agent from $HOTPATH_UA) and a
 # 150-byte event beacon.
@@ -102,29 +111,34 @@ head -n 4096 tests/fixtures/isbot/browsers-sample.txt > "$run/agents.txt"
 browser_ua="Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 bot_ua="Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 
-cases=(floor dry dry+bots "dry bot-ua" "dry+bots bot-ua" "dry many-ua" "dry+bots many-ua")
+cases=(floor dry dry+bots "dry bot-ua" "dry+bots bot-ua" "dry many-ua" "dry+bots many-ua"
+    "dry nozone")
 declare -A location=([floor]=floor [dry]=dry [dry+bots]=dry_bots ["dry bot-ua"]=dry
-    ["dry+bots bot-ua"]=dry_bots ["dry many-ua"]=dry ["dry+bots many-ua"]=dry_bots)
+    ["dry+bots bot-ua"]=dry_bots ["dry many-ua"]=dry ["dry+bots many-ua"]=dry_bots
+    ["dry nozone"]=dry)
 declare -A agent=([floor]=$browser_ua [dry]=$browser_ua [dry+bots]=$browser_ua
     ["dry bot-ua"]=$bot_ua ["dry+bots bot-ua"]=$bot_ua ["dry many-ua"]=$browser_ua
-    ["dry+bots many-ua"]=$browser_ua)
+    ["dry+bots many-ua"]=$browser_ua ["dry nozone"]=$browser_ua)
 
 # user and system CPU ticks of the worker (fields 14 and 15 of /proc/<pid>/stat; the fields are
 # counted after the ")" that closes the command name).
 cpu_ticks() {
-    sed 's/^.*) //' "/proc/$worker/stat" | awk '{ print $12, $13 }'
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12, $13 }'
 }
 hz=$(getconf CLK_TCK)
 
 # run_case NAME SECONDS: prints "user_us_per_request sys_us_per_request requests_per_s".
 run_case() {
-    local name=$1 seconds=$2 before after out requests
-    before=$(cpu_ticks)
+    local name=$1 seconds=$2 before after out requests pid=$worker target=$port
+    if [[ $name == *nozone ]]; then
+        pid=$worker2 target=$port2
+    fi
+    before=$(cpu_ticks "$pid")
     local agents=""
     [[ $name == *many-ua ]] && agents="$run/agents.txt"
     out=$(HOTPATH_UA=${agent[$name]} HOTPATH_UA_FILE=$agents "${pin_wrk[@]}" wrk -t1 -c"$connections" -d"${seconds}s" \
-        -s "$run/beacon.lua" "http://127.0.0.1:$port/${location[$name]}")
-    after=$(cpu_ticks)
+        -s "$run/beacon.lua" "http://127.0.0.1:$target/${location[$name]}")
+    after=$(cpu_ticks "$pid")
     requests=$(awk '/requests in/ { print $1 }' <<<"$out")
     if grep -q 'Non-2xx' <<<"$out"; then
         echo "case $name: unexpected answers:" >&2
@@ -170,9 +184,11 @@ for name in "${cases[@]}"; do
         "${user[$name]}"
 done
 awk -v floor="${med[floor]}" -v dry="${med[dry]}" -v bots="${med[dry+bots]}" \
-    -v many="${med[dry many-ua]}" -v many_bots="${med[dry+bots many-ua]}" 'BEGIN {
+    -v many="${med[dry many-ua]}" -v many_bots="${med[dry+bots many-ua]}" \
+    -v nozone="${med[dry nozone]}" 'BEGIN {
     printf "dry path over the floor (drop_bots off, browser):   %5.2f µs (target <= 1.0)\n", dry - floor
     printf "dry path over the floor (drop_bots on, browser):    %5.2f µs (target <= 1.0)\n", bots - floor
     printf "bot detection (drop_bots on - off, browser):        %5.2f µs (target <= 0.3)\n", bots - dry
     printf "bot detection, 4,096 browsers in turn (cache miss): %5.2f µs\n", many_bots - many
+    printf "metrics zone (dry - dry without a zone):            %5.2f µs\n", dry - nozone
 }'
