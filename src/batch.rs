@@ -305,6 +305,9 @@ pub fn submit(
     if is_leader && mode == WriteMode::Background {
         // Answer now, before a subrequest exists; the request stays open, answered, until its
         // batch is written.
+        // It counts as accepted, like every beacon answered before its write (members below);
+        // a failed write shows in `writes_total{result="failed"}`.
+        record(request, outcome::ACCEPTED, "");
         ctx_ref.early_answer = Some(send_response(request, 204, ""));
     }
 

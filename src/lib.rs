@@ -66,6 +66,7 @@ pub static mut ngx_http_analytics_module: ngx_module_t = ngx_module_t {
     // time from the single configuration thread.
     commands: unsafe { ptr::addr_of_mut!(conf::NGX_HTTP_ANALYTICS_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,
+    init_module: Some(metrics::init_module),
     exit_process: Some(batch::exit_process),
     ..ngx_module_t::default()
 };

@@ -11,7 +11,7 @@ use std::ffi::c_void;
 use std::ptr;
 
 use ngx::ffi::{
-    ngx_conf_t, ngx_http_discard_request_body, ngx_http_request_t, ngx_int_t,
+    ngx_conf_t, ngx_cycle_t, ngx_http_discard_request_body, ngx_http_request_t, ngx_int_t,
     ngx_shared_memory_add, ngx_shm_zone_t, ngx_slab_calloc, ngx_slab_pool_t, ngx_str_t, ngx_uint_t,
     NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_LOG_EMERG, NGX_LOG_WARN,
 };
@@ -45,12 +45,24 @@ pub enum ZoneSetting {
 }
 
 /// Main (http-level) configuration of the module.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AnalyticsMainConf {
     /// `analytics_metrics_zone`.
     pub zone: ZoneSetting,
     /// Every event name of every `permitted_events`, the label values of the event counters.
     pub event_names: Vec<String>,
+    /// This cycle's counters in the zone, once its init callback placed or found them.
+    pub counters: *mut Metrics,
+}
+
+impl Default for AnalyticsMainConf {
+    fn default() -> Self {
+        AnalyticsMainConf {
+            zone: ZoneSetting::Default,
+            event_names: Vec::new(),
+            counters: ptr::null_mut(),
+        }
+    }
 }
 
 /// Adds the metrics zone for this configuration (postconfiguration); its counters are set up
@@ -64,10 +76,7 @@ pub unsafe fn add_zone(cf: *mut ngx_conf_t) -> Result<(), ()> {
         return Err(());
     };
     let size = match mcf.zone {
-        ZoneSetting::Off => {
-            set_metrics(ptr::null_mut());
-            return Ok(());
-        }
+        ZoneSetting::Off => return Ok(()),
         ZoneSetting::Default => DEFAULT_ZONE_SIZE,
         ZoneSetting::Size(size) => size,
     };
@@ -119,7 +128,9 @@ unsafe extern "C" fn zone_init(zone: *mut ngx_shm_zone_t, _old_data: *mut c_void
         let counters = unsafe { &*metrics };
         counters.start(unix_now_ns() / 1_000_000_000);
         // SAFETY: `data` is this cycle's main configuration (set by `add_zone`).
-        if let Some(mcf) = unsafe { zone.data.cast::<AnalyticsMainConf>().as_ref() } {
+        if let Some(mcf) = unsafe { zone.data.cast::<AnalyticsMainConf>().as_mut() } {
+            // Published by `init_module` once the cycle can no longer fail.
+            mcf.counters = metrics;
             let dropped = counters.register_events(mcf.event_names.iter().map(String::as_str));
             // SAFETY: the zone's log is the cycle's.
             if let (true, Some(log)) = (dropped > 0, unsafe { zone.shm.log.as_mut() }) {
@@ -131,9 +142,24 @@ unsafe extern "C" fn zone_init(zone: *mut ngx_shm_zone_t, _old_data: *mut c_void
                 );
             }
         }
-        set_metrics(metrics);
         NGX_OK
     })
+}
+
+/// `init_module`: publishes this cycle's counters (or none) to the process. It runs after every
+/// zone of the cycle was set up and when nothing can fail the cycle any more: a reload that fails
+/// earlier (a port that cannot be bound) unmaps the new zone and keeps the old cycle, whose
+/// counters must stay the ones counted into.
+///
+/// # Safety
+/// Called by nginx with the cycle being initialized.
+pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: nginx passes the valid new cycle.
+    let counters = unsafe { cycle.as_ref() }
+        .and_then(HttpAnalyticsModule::main_conf)
+        .map_or(ptr::null_mut(), |mcf| mcf.counters);
+    set_metrics(counters);
+    NGX_OK
 }
 
 /// Content handler of a location with `analytics_metrics;`.
@@ -149,6 +175,12 @@ fn serve_metrics(request: &mut Request) -> ngx_int_t {
     let r: *mut ngx_http_request_t = request.into();
     // SAFETY: the valid request of the content handler.
     let (method, args) = unsafe { ((*r).method, (*r).args) };
+    // SAFETY: as above; discarding is how nginx answers without reading a body (a body left
+    // unread would be taken for the connection's next request).
+    let rc = unsafe { ngx_http_discard_request_body(r) };
+    if rc != NGX_OK {
+        return rc;
+    }
     if method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as ngx_uint_t == 0 {
         if request.add_header_out("Allow", "GET, HEAD").is_none() {
             return NGX_ERROR;
@@ -159,11 +191,6 @@ fn serve_metrics(request: &mut Request) -> ngx_int_t {
             b"text/plain",
             b"only GET and HEAD are allowed\n",
         );
-    }
-    // SAFETY: as above; discarding is how nginx answers without reading a body.
-    let rc = unsafe { ngx_http_discard_request_body(r) };
-    if rc != NGX_OK {
-        return rc;
     }
     if request
         .add_header_out("Cache-Control", "no-store")

@@ -57,8 +57,38 @@ pub unsafe extern "C" fn report_handler(r: *mut ngx_http_request_t) -> ngx_int_t
 }
 
 fn handle_report(request: &mut Request) -> ngx_int_t {
+    let ctx = request.pool().allocate(RequestCtx::default());
+    if ctx.is_null() {
+        return NGX_ERROR;
+    }
+    request.set_module_ctx(ctx.cast(), HttpAnalyticsModule::module());
     let r: *mut ngx_http_request_t = request.into();
-    // SAFETY: the valid request of the content handler.
+    // The body (a GET has none) is read before anything is answered, so that no body is ever
+    // left on the connection to be taken for its next request. Reading it also takes the
+    // reference the statements' subrequests run under, as for beacons: the body handler
+    // finalizes the request once, when the report is answered.
+    // SAFETY: `r` is valid; nginx calls `body_read` once the body is in (at once for a GET).
+    let rc = unsafe { ngx_http_read_client_request_body(r, Some(body_read)) };
+    if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
+        return rc;
+    }
+    NGX_DONE
+}
+
+/// Body handler: checks the request and starts the first statement.
+unsafe extern "C" fn body_read(r: *mut ngx_http_request_t) {
+    let rc = no_panic(INTERNAL_ERROR, || start(r));
+    if rc != NGX_DONE {
+        // SAFETY: the body handler owns one reference to the request: finalize it once.
+        unsafe { ngx_http_finalize_request(r, rc) };
+    }
+}
+
+/// Validates the method and parameters, then runs the report's statements.
+fn start(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx passes the valid report request.
+    let request = unsafe { Request::from_ngx_http_request(r) };
+    // SAFETY: as above.
     let (method, args) = unsafe { ((*r).method, (*r).args) };
     if method != NGX_HTTP_GET as ngx_uint_t {
         if request.add_header_out("Allow", "GET").is_none() {
@@ -80,39 +110,22 @@ fn handle_report(request: &mut Request) -> ngx_int_t {
         }
     }
     let visits = lcf.session();
-    let state = ReportState {
+    let state = request.pool().allocate(ReportState {
         statements: statements(&query, lcf.measurements(), visits),
         query,
         visits,
         answers: Vec::new(),
         capture: ptr::null_mut(),
+    });
+    // SAFETY: NULL or the ctx `handle_report` created, in the request pool.
+    let Some(ctx) = (unsafe { request_ctx_ptr(request).as_mut() }) else {
+        return INTERNAL_ERROR;
     };
-    let state = request.pool().allocate(state);
-    let ctx = request.pool().allocate(RequestCtx::default());
-    if state.is_null() || ctx.is_null() {
+    if state.is_null() {
         return NGX_ERROR;
     }
-    // SAFETY: both were just allocated from the request pool and live as long as the request.
-    unsafe { (*ctx).report = state.cast() };
-    request.set_module_ctx(ctx.cast(), HttpAnalyticsModule::module());
-
-    // Reading the (empty) body takes the reference the statements' subrequests run under, as
-    // for beacons: the body handler finalizes the request once, when the report is answered.
-    // SAFETY: `r` is valid; nginx calls `body_read` once the body is in (at once for a GET).
-    let rc = unsafe { ngx_http_read_client_request_body(r, Some(body_read)) };
-    if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
-        return rc;
-    }
-    NGX_DONE
-}
-
-/// Body handler: starts the first statement.
-unsafe extern "C" fn body_read(r: *mut ngx_http_request_t) {
-    let rc = no_panic(INTERNAL_ERROR, || step(r));
-    if rc != NGX_DONE {
-        // SAFETY: the body handler owns one reference to the request: finalize it once.
-        unsafe { ngx_http_finalize_request(r, rc) };
-    }
+    ctx.report = state.cast();
+    step(r)
 }
 
 /// Write handler while a statement runs: nginx runs it when the subrequest finished (and may

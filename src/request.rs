@@ -180,12 +180,15 @@ const WRITE_FAILED: &str = "analytics write failed\n";
 /// `background` mode the 204 was sent already). Returns the code to finalize it with.
 pub fn answer_write_outcome(request: &mut Request) -> ngx_int_t {
     let Some((failed, early_answer)) = with_ctx(request, |ctx| {
-        ctx.outcome = match ctx.write_failed {
-            true => outcome::WRITE_FAILED,
-            false => outcome::ACCEPTED,
-        };
-        if let Some(counters) = metrics() {
-            counters.count_outcome(ctx.outcome);
+        // A `background` leader was answered (and recorded as accepted) before its write.
+        if ctx.early_answer.is_none() {
+            ctx.outcome = match ctx.write_failed {
+                true => outcome::WRITE_FAILED,
+                false => outcome::ACCEPTED,
+            };
+            if let Some(counters) = metrics() {
+                counters.count_outcome(ctx.outcome);
+            }
         }
         (ctx.write_failed, ctx.early_answer)
     }) else {
@@ -218,8 +221,7 @@ pub fn with_ctx<T>(request: &Request, f: impl FnOnce(&mut RequestCtx) -> T) -> O
 }
 
 /// Pointer to this module's per-request state (NULL before the content handler ran, and for
-/// every subrequest: the endpoint refuses them, and a write subrequest's slot holds its
-/// `WriteCapture`).
+/// every subrequest: the handlers refuse subrequests, so only a main request has one).
 pub fn request_ctx_ptr(request: &Request) -> *mut RequestCtx {
     let r: &ngx_http_request_t = request.as_ref();
     if !ptr::eq(r.main, r) {

@@ -20,8 +20,8 @@ use std::ptr;
 use ngx::ffi::{
     ngx_chain_t, ngx_http_post_subrequest_t, ngx_http_request_body_t, ngx_http_request_t,
     ngx_http_subrequest, ngx_http_top_body_filter, ngx_http_top_header_filter, ngx_int_t,
-    ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_HTTP_CLIENT_CLOSED_REQUEST, NGX_HTTP_POST,
-    NGX_HTTP_SUBREQUEST_WAITED,
+    ngx_palloc, ngx_pcalloc, ngx_pool_t, ngx_str_t, ngx_uint_t, NGX_HTTP_CLIENT_CLOSED_REQUEST,
+    NGX_HTTP_POST, NGX_HTTP_SUBREQUEST_WAITED,
 };
 use ngx::http::Request;
 
@@ -34,20 +34,27 @@ pub const CAPTURED_BODY_MAX: usize = 1024;
 
 /// What the upstream answered to one of this module's subrequests, filled in by this module's
 /// filters and its post-subrequest handler. It lives in the parent's pool, like the subrequest
-/// itself, so it is valid for as long as the subrequest can report to it.
+/// itself, so it is valid for as long as the subrequest can report to it. It has nothing to drop
+/// (its body is pool memory too): a batch leader's pool cleanup may still read it while the
+/// pool is being destroyed, before any of the pool's memory is freed.
 pub struct Capture {
     /// The subrequest has finished (its post-subrequest handler ran).
     pub done: bool,
     /// The status line the upstream answered with before the subrequest finished; 0 when none
     /// (connection refused, timeout: nginx's own error pages do not count).
     pub status: usize,
-    /// The start of the answer body, at most `limit` bytes.
-    body: Vec<u8>,
-    limit: usize,
-    /// The answer body was longer than `limit` (or could not be read).
+    /// The answer body was longer than `limit` (or could not be read or kept).
     pub body_truncated: bool,
     /// The code nginx finished the subrequest with (first report).
     rc: ngx_int_t,
+    /// Most bytes of the body kept.
+    limit: usize,
+    /// The pool the body buffer comes from (the parent request's).
+    pool: *mut ngx_pool_t,
+    /// The kept body: `len` bytes at `buf`, in a pool buffer of `cap` bytes (NULL while empty).
+    buf: *mut u8,
+    cap: usize,
+    len: usize,
 }
 
 /// The capture of a write to the sink.
@@ -56,7 +63,11 @@ pub type WriteCapture = Capture;
 impl Capture {
     /// The kept start of the answer body.
     pub fn body(&self) -> &[u8] {
-        &self.body
+        if self.buf.is_null() {
+            return &[];
+        }
+        // SAFETY: `buf` holds `len` initialized bytes of pool memory, alive with the pool.
+        unsafe { std::slice::from_raw_parts(self.buf, self.len) }
     }
 
     /// Whether the subrequest ended without saying what the upstream did: no status line, and
@@ -67,15 +78,43 @@ impl Capture {
             && (self.rc == NGX_HTTP_CLIENT_CLOSED_REQUEST as ngx_int_t || self.rc == NGX_ERROR)
     }
 
-    /// Takes the kept body out.
+    /// A copy of the kept body.
     pub fn take_body(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.body)
+        self.body().to_vec()
+    }
+
+    /// Room for `more` bytes, as far as `limit` allows: grows the pool buffer (doubling; the old
+    /// one stays in the pool until it is destroyed). Returns how many of `more` fit.
+    fn reserve(&mut self, more: usize) -> usize {
+        let want = more.min(self.limit.saturating_sub(self.len));
+        if self.len + want <= self.cap {
+            return want;
+        }
+        let cap = (self.cap * 2)
+            .max(self.len + want)
+            .max(4096)
+            .min(self.limit);
+        // SAFETY: the parent request's pool, alive as long as this capture.
+        let buf = unsafe { ngx_palloc(self.pool, cap) }.cast::<u8>();
+        if buf.is_null() {
+            return 0;
+        }
+        if self.len > 0 {
+            // SAFETY: both buffers are valid for `len` bytes and do not overlap.
+            unsafe { ptr::copy_nonoverlapping(self.buf, buf, self.len) };
+        }
+        self.buf = buf;
+        self.cap = cap;
+        want
     }
 
     fn keep(&mut self, bytes: &[u8]) {
-        let room = self.limit.saturating_sub(self.body.len());
-        let take = bytes.len().min(room);
-        self.body.extend_from_slice(&bytes[..take]);
+        let take = self.reserve(bytes.len());
+        if take > 0 {
+            // SAFETY: `reserve` made room for `take` bytes after `len`.
+            unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), self.buf.add(self.len), take) };
+            self.len += take;
+        }
         if take < bytes.len() {
             self.body_truncated = true;
         }
@@ -123,17 +162,12 @@ pub fn start_post(
     // SAFETY: a zeroed request body (no temp file, no rest to read) holding our chain.
     unsafe { (*request_body).bufs = chain };
 
-    // Dropped (its body freed) with the pool.
-    let capture = request.pool().allocate(Capture {
-        done: false,
-        status: 0,
-        body: Vec::new(),
-        limit,
-        body_truncated: false,
-        rc: 0,
-    });
-    if capture.is_null() {
-        return Err(SubrequestError);
+    // All zeroes is an empty capture; it is pool memory with nothing to drop.
+    let capture = pool_calloc::<Capture>(request)?;
+    // SAFETY: just allocated, zeroed.
+    unsafe {
+        (*capture).limit = limit;
+        (*capture).pool = request.pool().as_ptr();
     }
     let post = pool_calloc::<ngx_http_post_subrequest_t>(request)?;
     // SAFETY: `post` is valid; `capture` lives in the same pool as the subrequest.
@@ -286,20 +320,18 @@ unsafe extern "C" fn capture_body_filter(
 /// Keeps the part of a temp-file buffer that fits in the capture.
 fn keep_from_file(capture: &mut Capture, buf: &ngx::ffi::ngx_buf_t) {
     let len = usize::try_from(buf.file_last - buf.file_pos).unwrap_or(0);
-    let room = capture.limit.saturating_sub(capture.body.len());
-    let want = len.min(room);
+    let want = capture.reserve(len);
     if want < len {
         capture.body_truncated = true;
     }
-    let mut chunk = vec![0u8; want];
     let mut done = 0;
     while done < want {
         // SAFETY: `buf.file` is the open temp file the proxy wrote this buffer to; the
-        // destination is the zeroed tail of `chunk`, `want - done` bytes long.
+        // destination is the room `reserve` made after the kept bytes, `want - done` long.
         let n = unsafe {
             ngx::ffi::ngx_read_file(
                 buf.file,
-                chunk.as_mut_ptr().add(done),
+                capture.buf.add(capture.len + done),
                 want - done,
                 buf.file_pos + done as i64,
             )
@@ -312,7 +344,7 @@ fn keep_from_file(capture: &mut Capture, buf: &ngx::ffi::ngx_buf_t) {
             }
         }
     }
-    capture.body.extend_from_slice(&chunk[..done]);
+    capture.len += done;
 }
 
 fn consume(capture: &mut Capture, mut link: *mut ngx_chain_t) {

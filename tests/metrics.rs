@@ -317,3 +317,110 @@ fn with_the_zone_off_nothing_is_counted() {
     );
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn a_reload_that_fails_late_keeps_counting_into_the_running_zone() {
+    // The new configuration has another zone size and a port that cannot be bound: nginx maps
+    // the new zone, fails to bind, unmaps it and keeps the old cycle. A worker it forks later
+    // must count into the old cycle's zone (not into the unmapped one).
+    let port = free_port();
+    let sink = FakeSink::start();
+    let nginx = Nginx::start_with(two_workers(), &conf(port, sink.port(), ""));
+    assert_eq!(send(port, "/collect", &[], &beacon(json!({}))), 204);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
+    let taken_port = taken.local_addr().unwrap().port();
+    let failing = format!(
+        "analytics_metrics_zone 2m;\nserver {{ listen 127.0.0.1:{taken_port}; return 204; }}\n{}",
+        conf(port, sink.port(), "")
+    );
+    nginx.write_config(&failing);
+    nginx.reload();
+    assert!(
+        common::wait_until(Duration::from_secs(10), || nginx
+            .error_log()
+            .contains("bind() to 127.0.0.1")),
+        "{}",
+        nginx.error_log()
+    );
+    for pid in nginx.worker_pids() {
+        assert!(common::send_signal(pid, common::SIGKILL));
+    }
+    assert!(
+        common::wait_until(Duration::from_secs(10), || {
+            nginx.worker_pids().len() == 2 && send(port, "/collect", &[], &beacon(json!({}))) == 204
+        }),
+        "new workers answer"
+    );
+    assert_eq!(send(port, "/collect", &[], &beacon(json!({}))), 204);
+    let samples = scrape(port);
+    assert!(outcome(&samples, "accepted") >= 3.0, "{samples:?}");
+    let log = nginx.error_log();
+    assert!(
+        !log.contains("signal 11") && !log.contains("signal 6"),
+        "{log}"
+    );
+    drop(taken);
+}
+
+#[test]
+fn background_beacons_count_as_accepted_and_their_failed_writes_as_failed() {
+    let sink = FakeSink::start();
+    let port = free_port();
+    let http = conf(port, sink.port(), "").replace(
+        "location = /stored { analytics; }",
+        "location = /stored { analytics; analytics_write_mode background; }",
+    );
+    let nginx = Nginx::start(&http);
+    sink.set_response(500, "{\"error\":\"down\"}");
+    sink.set_delay(Duration::from_millis(300));
+    let barrier = Arc::new(Barrier::new(10));
+    let threads: Vec<_> = (0..10)
+        .map(|_| {
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                barrier.wait();
+                send(port, "/stored", &[], &beacon(json!({})))
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 204);
+    }
+    assert!(common::wait_until(Duration::from_secs(5), || {
+        scrape(port)["nginx_analytics_writes_total{result=\"failed\"}"] >= 1.0
+            && sink.requests().len() >= 2
+    }));
+    thread::sleep(Duration::from_millis(700));
+    let samples = scrape(port);
+    assert_eq!(
+        outcome(&samples, "accepted"),
+        10.0,
+        "every beacon was answered 204"
+    );
+    assert_eq!(outcome(&samples, "write_failed"), 0.0);
+    assert_eq!(samples["nginx_analytics_written_lines_total"], 0.0);
+    nginx.assert_no_crash_in_log();
+}
+
+#[test]
+fn a_body_sent_to_the_metrics_location_is_never_taken_for_a_request() {
+    let sink = FakeSink::start();
+    let port = free_port();
+    let http = conf(port, sink.port(), "").replace(
+        "location = /metrics { analytics_metrics; }",
+        "location = /metrics { analytics_metrics; }\n    location = /smuggled { return 200 'SMUGGLED'; }\n    location = /next { return 200 'NEXT'; }",
+    );
+    let nginx = Nginx::start(&http);
+    let inner = format!("GET /smuggled HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    let mut conn = Conn::open(port);
+    let outer = format!(
+        "POST /metrics HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {}\r\n\r\n{inner}",
+        inner.len()
+    );
+    assert_eq!(conn.request(outer.as_bytes()).status, 405);
+    let next = conn.request(
+        format!("GET /next HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(next.body_text(), "NEXT", "the body was discarded, not run");
+    nginx.assert_no_crash_in_log();
+}

@@ -321,6 +321,26 @@ fn influxdb_down_is_a_502_with_a_json_error() {
     assert_eq!(post.status, 405);
     assert_eq!(post.header("allow"), Some("GET"));
     assert!(nginx.wait_for_log("report query failed", Duration::from_secs(5)));
+
+    // A body sent with a refused request is read and dropped, never run as the connection's
+    // next request.
+    for (method, target) in [
+        ("POST", "/analytics/report?report=domains"),
+        ("GET", "/analytics/report?report=nope"),
+    ] {
+        let inner = "GET /limited/report?report=domains HTTP/1.1\r\nHost: www.example.com\r\n\r\n";
+        let mut conn = common::Conn::open(port);
+        let outer = format!(
+            "{method} {target} HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: {}\r\n\r\n{inner}",
+            inner.len()
+        );
+        let first = conn.request(outer.as_bytes());
+        assert!(matches!(first.status, 400 | 405), "{}", first.status);
+        let next = conn.request(
+            b"GET /nothing-here HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(next.status, 404, "the next answer is for the next request");
+    }
 }
 
 fn main() {
