@@ -602,3 +602,53 @@ server {{
     );
     nginx.assert_no_crash_in_log();
 }
+
+#[test]
+fn a_failed_write_of_a_leader_whose_stream_was_reset_is_logged_intact() {
+    // The leader's request is freed while its write is on the way; its pool cleanup then reads
+    // the sink's answer, which must still be intact.
+    let sink = FakeSink::start();
+    let port = free_port();
+    let conf = h2_conf_with(port, sink.port(), "", true);
+    let nginx = Nginx::start(&conf);
+    let message = "the sink says: boom, and a little more so that it is long enough";
+    sink.set_response(500, &format!("{{\"error\":\"{message}\"}}"));
+    sink.set_delay(Duration::from_millis(800));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut client = client.ready().await.expect("h2 ready");
+        let request = http::Request::post(format!("http://www.example.com:{port}/collect"))
+            .body(())
+            .expect("request");
+        let (_response, mut stream) = client.send_request(request, false).expect("send");
+        let body = beacon("www.example.com", "reset");
+        stream
+            .send_data(bytes::Bytes::from(body), true)
+            .expect("body");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream.send_reset(h2::Reason::CANCEL);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    });
+    assert!(
+        nginx.wait_for_log("not stored", WAIT),
+        "{}",
+        nginx.error_log()
+    );
+    let log = nginx.error_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("not stored"))
+        .expect("the failure line");
+    assert!(line.contains(message), "the sink's message, intact: {line}");
+    nginx.assert_no_crash_in_log();
+}
