@@ -3,7 +3,11 @@
 //! `auth_basic`), on the known data set of tests/reports.rs in a real InfluxDB: the KPI numbers,
 //! the tables and the CSV downloads match the answers computed from the data set, a click on a
 //! top page narrows the dashboard to that page, nothing shifts while loading, and the page
-//! saves the README's screenshot (`docs/dashboard.png`, see `save_screenshot`). On an empty database it shows the empty state; with InfluxDB
+//! saves the README's screenshot (`docs/dashboard.png`, see `save_screenshot`). With a metrics
+//! location next to the dashboard, the collector health panel shows what a scrape of the same
+//! metrics JSON says after a known mix of beacons (accepted, refused, failed writes), and
+//! follows a refresh; without a metrics location (404) or when it refuses (403) the panel stays
+//! hidden and nothing else changes. On an empty database it shows the empty state; with InfluxDB
 //! stopped, the error banner.
 
 mod common;
@@ -20,10 +24,14 @@ mod known_answers;
 
 use std::time::Duration;
 
+use base64::Engine;
 use serde_json::{json, Value};
 
 use common::webdriver::{Browser, BrowserOptions};
-use common::{free_port, query_location, request, wait_until, Influx, Nginx, TestDir};
+use common::{
+    free_port, post_with_headers, query_location, request, wait_until, write_location, Conn,
+    Influx, Nginx, TestDir,
+};
 use known_answers::{
     assert_json_eq, data_set, now_ms, rows_csv, write_data_set, Expected, Hit, DAY, DB, DOMAIN,
     KEYED_TABLES,
@@ -37,6 +45,31 @@ const WAIT: Duration = Duration::from_secs(15);
 /// Desktop width of the screenshot, in CSS pixels.
 const DESKTOP_WIDTH: u32 = 1280;
 const KPIS: [&str; 4] = ["pageviews", "visits", "events", "load_time_ms_median"];
+/// The database the beacons sent by the health test are written to (not the data set's).
+const BEACON_DB: &str = "collector";
+/// Host and beacon domain of the beacons sent by the health test.
+const BEACON_HOST: &str = "collector.example";
+/// The outcomes the health panel counts as refused, and those it lists as not stored.
+const REFUSED: [&str; 6] = [
+    "invalid",
+    "event_not_permitted",
+    "domain_not_accepted",
+    "body_too_large",
+    "method_not_allowed",
+    "bot",
+];
+const NOT_STORED: [&str; 3] = ["write_failed", "spooled", "error"];
+
+/// The metrics location next to the dashboard (`/analytics/metrics`).
+#[derive(Clone, Copy, PartialEq)]
+enum Metrics {
+    /// None: the page's request for it gets 404.
+    Absent,
+    /// `analytics_metrics`, protected like the dashboard.
+    Protected,
+    /// `analytics_metrics` behind `deny all`: 403.
+    Denied,
+}
 
 /// nginx (dashboard + report API, protected as the README shows) + InfluxDB + Chromium.
 /// Fields drop in declaration order: the browser first.
@@ -50,10 +83,13 @@ struct Setup {
 
 impl Setup {
     /// Starts InfluxDB with an empty `analytics` database (plus `hits`), nginx and Chromium at
-    /// desktop size in light mode.
-    fn start(hits: &[Hit]) -> Setup {
+    /// desktop size in light mode. nginx also has a beacon endpoint (`/analytics/collect`,
+    /// writing to [`BEACON_DB`]) and one whose writes fail (`/analytics/collect-lost`: a database
+    /// that does not exist), and `metrics`.
+    fn start(hits: &[Hit], metrics: Metrics) -> Setup {
         let influx = Influx::start();
         influx.create_database(DB);
+        influx.create_database(BEACON_DB);
         write_data_set(&influx, hits);
         let auth = TestDir::new("htpasswd");
         let htpasswd = auth.path().join("analytics.htpasswd");
@@ -66,6 +102,18 @@ impl Setup {
         auth_basic_user_file {};",
             htpasswd.display()
         );
+        let metrics_location = match metrics {
+            Metrics::Protected => format!(
+                "location = /analytics/metrics {{
+        analytics_metrics;
+        {protect}
+    }}"
+            ),
+            Metrics::Denied => {
+                "location = /analytics/metrics { analytics_metrics; deny all; }".to_string()
+            }
+            Metrics::Absent => String::new(),
+        };
         let nginx = Nginx::start(&format!(
             r#"
 upstream influxdb {{ server 127.0.0.1:{influx_port}; keepalive 4; }}
@@ -79,11 +127,28 @@ server {{
         analytics_report;
         {protect}
     }}
+    {metrics_location}
+    location = /analytics/collect {{
+        analytics;
+        permitted_events download;
+    }}
+    location = /analytics/collect-lost {{
+        analytics;
+        analytics_write /_analytics/lost;
+    }}
 {query}
+{write}
+{lost}
 }}
 "#,
             influx_port = influx.port(),
             query = query_location(&format!("http://influxdb/query?db={DB}")),
+            write = write_location(
+                &format!("http://influxdb/write?db={BEACON_DB}&precision=ns"),
+                "5s"
+            ),
+            lost = write_location("http://influxdb/write?db=no_such_db&precision=ns", "5s")
+                .replace("/_analytics/write", "/_analytics/lost"),
         ));
         let browser = Browser::start(BrowserOptions::default());
         browser.set_window_size(DESKTOP_WIDTH, 900);
@@ -216,6 +281,55 @@ server {{
         total
     }
 
+    /// The metrics JSON, scraped as an admin would (with the login): `GET
+    /// /analytics/metrics?format=json`.
+    fn metrics_json(&self) -> Value {
+        let login = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+        let response = Conn::open(self.port).request(
+            format!(
+                "GET /analytics/metrics?format=json HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                 Authorization: Basic {login}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(response.status, 200, "{}", response.body_text());
+        serde_json::from_slice(&response.body).expect("the metrics JSON")
+    }
+
+    /// The health panel: `{key: {value, text}}` of each `[data-health]` (`value` from
+    /// `data-value`, null when empty), `reasons` and `not_stored`, the `[data-reason]` entries of
+    /// its two lists as `{reason: text}`, and `shown`.
+    fn health(&self) -> Value {
+        self.js("const out = { reasons: {}, not_stored: {},
+               shown: document.getElementById('health').getClientRects().length > 0 };
+             for (const e of document.querySelectorAll('#health [data-health]')) {
+               out[e.dataset.health] = {
+                 value: e.dataset.value === undefined || e.dataset.value === ''
+                   ? null : Number(e.dataset.value),
+                 text: e.textContent,
+               };
+             }
+             for (const [list, id] of [['reasons', 'health-refused'], ['not_stored', 'health-lost']])
+               for (const li of document.querySelectorAll('#' + id + ' [data-reason]'))
+                 out[list][li.dataset.reason] = li.textContent;
+             return out;")
+    }
+
+    /// Waits until the health panel shows `accepted` accepted beacons.
+    fn wait_health(&self, accepted: u64, what: &str) {
+        let mut health = Value::Null;
+        let shown = wait_until(WAIT, || {
+            health = self.health();
+            health["shown"] == true && health["accepted"]["value"].as_u64() == Some(accepted)
+        });
+        assert!(
+            shown,
+            "{what}: the health panel does not show {accepted} accepted beacons: {health}\n\
+             access log:\n{}",
+            self.nginx.access_log()
+        );
+    }
+
     /// Whether `#id` is shown (not `hidden`, not inside a hidden ancestor).
     fn shown(&self, id: &str) -> bool {
         self.browser.execute(
@@ -223,6 +337,169 @@ server {{
              return !!e && e.getClientRects().length > 0;",
             json!([id]),
         ) == true
+    }
+}
+
+/// Sends a known mix of beacons to the collector: accepted ones (page views and a permitted
+/// event), refused ones of every kind the dashboard's visitor could cause, a dropped bot, and
+/// beacons whose write fails. Returns the count of each outcome sent.
+fn send_beacon_mix(port: u16, accepted: usize) -> Vec<(&'static str, u64)> {
+    let beacon = |extra: Value| {
+        let mut b = json!({"domain": BEACON_HOST, "page": "/health"});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b.to_string().into_bytes()
+    };
+    let send = |path: &str, headers: &[(&str, &str)], body: &[u8]| {
+        post_with_headers(port, path, BEACON_HOST, headers, body).status
+    };
+    let collect = "/analytics/collect";
+    for _ in 0..accepted {
+        assert_eq!(send(collect, &[], &beacon(json!({}))), 204, "a page view");
+    }
+    let download = beacon(json!({"event": "download", "note": "report.pdf"}));
+    assert_eq!(send(collect, &[], &download), 204, "a permitted event");
+    for body in [&b"not json"[..], b"[]"] {
+        assert_eq!(send(collect, &[], body), 400, "invalid");
+    }
+    for _ in 0..3 {
+        let signup = beacon(json!({"event": "signup"}));
+        assert_eq!(send(collect, &[], &signup), 422, "event not permitted");
+    }
+    let elsewhere = json!({"domain": "elsewhere.example", "page": "/"}).to_string();
+    assert_eq!(send(collect, &[], elsewhere.as_bytes()), 422, "domain");
+    assert_eq!(send(collect, &[], &vec![b' '; 9000]), 413, "too large");
+    assert_eq!(request(port, "GET", collect, BEACON_HOST, None).status, 405);
+    let bot = [("User-Agent", "curl/8.0")];
+    assert_eq!(
+        send(collect, &bot, &beacon(json!({}))),
+        204,
+        "a dropped bot"
+    );
+    for _ in 0..2 {
+        let lost = send("/analytics/collect-lost", &[], &beacon(json!({})));
+        assert_eq!(lost, 502, "a write to a database that does not exist");
+    }
+    vec![
+        ("accepted", accepted as u64 + 1),
+        ("invalid", 2),
+        ("event_not_permitted", 3),
+        ("domain_not_accepted", 1),
+        ("body_too_large", 1),
+        ("method_not_allowed", 1),
+        ("bot", 1),
+        ("write_failed", 2),
+        ("spooled", 0),
+        ("error", 0),
+    ]
+}
+
+/// The `q`-quantile of a cumulative histogram of the metrics JSON (`{buckets: [{le, count}],
+/// count}`), as Prometheus' `histogram_quantile` estimates it: linear inside the bucket that
+/// holds rank `q * count`, the last finite bound beyond it. `None` without observations.
+fn quantile(histogram: &Value, q: f64) -> Option<f64> {
+    let count = histogram["count"].as_f64()?;
+    let buckets = histogram["buckets"].as_array()?;
+    if count <= 0.0 || buckets.is_empty() {
+        return None;
+    }
+    let rank = q * count;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for bucket in buckets {
+        let (le, n) = (bucket["le"].as_f64()?, bucket["count"].as_f64()?);
+        if n >= rank {
+            return Some(lower + (le - lower) * (rank - below) / (n - below));
+        }
+        (lower, below) = (le, n);
+    }
+    Some(lower)
+}
+
+/// Whether `got` (a number the page computed) is `want` up to rounding.
+fn close(got: &Value, want: Option<f64>) -> bool {
+    match (got.as_f64(), want) {
+        (Some(g), Some(w)) => (g - w).abs() <= 1e-9 * w.abs().max(1e-9),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Checks the health panel against `metrics`, a scrape of the metrics JSON.
+fn assert_health(setup: &Setup, metrics: &Value, what: &str) {
+    let health = setup.health();
+    assert_eq!(health["shown"], true, "{what}: the health panel is shown");
+    let beacons = &metrics["beacons"];
+    let count = |outcome: &str| beacons[outcome].as_u64().expect("an outcome count");
+    let refused: u64 = REFUSED.iter().map(|o| count(o)).sum();
+    let writes = &metrics["writes"];
+    for (key, want) in [
+        ("accepted", count("accepted")),
+        ("refused", refused),
+        (
+            "writes_failed",
+            writes["failed"].as_u64().expect("failed writes"),
+        ),
+        ("writes_ok", writes["ok"].as_u64().expect("ok writes")),
+        (
+            "waiting",
+            metrics["waiting_requests"].as_u64().expect("waiting"),
+        ),
+        (
+            "since",
+            metrics["start_time_seconds"].as_u64().expect("start"),
+        ),
+    ] {
+        assert_eq!(
+            health[key]["value"].as_u64(),
+            Some(want),
+            "{what}: [data-health={key}]: {health}"
+        );
+        if key != "since" {
+            assert_eq!(
+                digits_of(&health[key]["text"]),
+                Some(want),
+                "{what}: [data-health={key}] as shown: {health}"
+            );
+        }
+    }
+    // Each reason with beacons is listed with its count, the others are not.
+    for (list, outcomes) in [("reasons", &REFUSED[..]), ("not_stored", &NOT_STORED[..])] {
+        let want: Vec<(&str, u64)> = outcomes
+            .iter()
+            .map(|o| (*o, count(o)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        let shown = health[list].as_object().expect("a list");
+        let got: Vec<(&str, u64)> = outcomes
+            .iter()
+            .filter_map(|o| {
+                shown
+                    .get(*o)
+                    .map(|t| (*o, digits_of(t).unwrap_or(u64::MAX)))
+            })
+            .collect();
+        assert_eq!(got, want, "{what}: the {list} list: {health}");
+        assert_eq!(shown.len(), want.len(), "{what}: the {list} list: {health}");
+    }
+    let durations = &metrics["write_duration_seconds"];
+    let mean =
+        durations["sum"].as_f64().expect("sum") / durations["count"].as_f64().expect("count");
+    for (key, want) in [
+        ("latency_p50", quantile(durations, 0.5)),
+        ("latency_p90", quantile(durations, 0.9)),
+        ("latency_mean", Some(mean)),
+    ] {
+        assert!(
+            close(&health[key]["value"], want),
+            "{what}: [data-health={key}] is {} for {want:?}: {durations}",
+            health[key]["value"]
+        );
+        let text = health[key]["text"].as_str().unwrap_or_default();
+        assert!(
+            text.chars().any(|c| c.is_ascii_digit()) && text.contains('s'),
+            "{what}: [data-health={key}] shows a duration: {text:?}"
+        );
     }
 }
 
@@ -287,11 +564,35 @@ fn assert_table(setup: &Setup, name: &str, want: &[(String, usize, usize)], what
 fn the_dashboard_shows_the_known_answers_and_narrows_to_a_page() {
     let now = now_ms();
     let hits = data_set(now);
-    let setup = Setup::start(&hits);
+    let setup = Setup::start(&hits, Metrics::Protected);
+    // Beacons to the collector (written to another database than the data set's), then a
+    // scrape of the metrics JSON the health panel reads.
+    let sent = send_beacon_mix(setup.port, 5);
+    let metrics = setup.metrics_json();
+    for (outcome, n) in &sent {
+        assert_eq!(
+            metrics["beacons"][outcome].as_u64(),
+            Some(*n),
+            "the scrape counts what was sent: {outcome}: {metrics}"
+        );
+    }
+    assert_eq!(metrics["writes"]["failed"], 2, "{metrics}");
     setup.open(&format!("domain={DOMAIN}&period=7d"));
+    setup.wait_health(sent[0].1, "desktop");
 
-    // Nothing moved while the page loaded.
+    // Nothing moved while the page loaded, the health panel included.
     setup.assert_no_layout_shift("desktop");
+
+    // The health panel says what the scrape says.
+    assert_health(&setup, &metrics, "desktop");
+    let anonymous = request(
+        setup.port,
+        "GET",
+        "/analytics/metrics?format=json",
+        "127.0.0.1",
+        None,
+    );
+    assert_eq!(anonymous.status, 401, "the metrics are protected too");
 
     // The report API is protected: without the login, nothing.
     let anonymous = request(
@@ -424,6 +725,15 @@ fn the_dashboard_shows_the_known_answers_and_narrows_to_a_page() {
         "the chart's total: {label}"
     );
 
+    // The realtime refresh (here: the page becoming visible again) refreshes the panel.
+    let more = send_beacon_mix(setup.port, 3);
+    let refreshed = setup.metrics_json();
+    let accepted = refreshed["beacons"]["accepted"].as_u64().expect("accepted");
+    assert_eq!(accepted, sent[0].1 + more[0].1, "{refreshed}");
+    setup.js("document.dispatchEvent(new Event('visibilitychange'))");
+    setup.wait_health(accepted, "refreshed");
+    assert_health(&setup, &refreshed, "refreshed");
+
     save_screenshot(&setup);
 
     // A click on the first top page narrows the whole dashboard to it.
@@ -509,6 +819,7 @@ fn the_dashboard_shows_the_known_answers_and_narrows_to_a_page() {
         json!({"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": true}),
     );
     setup.open(&format!("domain={DOMAIN}&period=7d"));
+    setup.wait_health(accepted, "phone");
     setup.assert_no_layout_shift("phone");
     assert_kpis(&setup, &week.summary(), &before.summary(), "7d on a phone");
     assert_eq!(
@@ -580,8 +891,21 @@ fn save_screenshot(setup: &Setup) {
 }
 
 fn an_empty_database_shows_the_empty_state() {
-    let setup = Setup::start(&[]);
+    let setup = Setup::start(&[], Metrics::Absent);
     setup.open("");
+    // No metrics location: the page asked, got 404, and shows no health panel and no error.
+    let asked = wait_until(WAIT, || {
+        setup
+            .nginx
+            .access_log()
+            .contains("\"GET /analytics/metrics?format=json HTTP/1.1\" 404")
+    });
+    assert!(
+        asked,
+        "the page asks for the metrics:\n{}",
+        setup.nginx.access_log()
+    );
+    assert!(!setup.shown("health"), "no health panel without metrics");
     assert!(setup.shown("empty-state"), "the empty state is shown");
     assert!(!setup.shown("dashboard"), "the dashboard is hidden");
     assert!(!setup.shown("error-banner"), "no error banner");
@@ -604,8 +928,21 @@ fn an_empty_database_shows_the_empty_state() {
 fn influxdb_stopped_shows_the_error_banner() {
     let now = now_ms();
     let hits = data_set(now);
-    let mut setup = Setup::start(&hits[..300]);
+    let mut setup = Setup::start(&hits[..300], Metrics::Denied);
     setup.open(&format!("domain={DOMAIN}&period=7d"));
+    // The metrics location refuses the page (403): no health panel, and no banner for it.
+    let asked = wait_until(WAIT, || {
+        setup
+            .nginx
+            .access_log()
+            .contains("\"GET /analytics/metrics?format=json HTTP/1.1\" 403")
+    });
+    assert!(
+        asked,
+        "the page asks for the metrics:\n{}",
+        setup.nginx.access_log()
+    );
+    assert!(!setup.shown("health"), "no health panel when refused");
     assert!(
         !setup.shown("error-banner"),
         "no banner while InfluxDB runs"
