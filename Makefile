@@ -1,7 +1,7 @@
 # Front door for building, testing and the demo (see README.md).
 CARGO ?= cargo
 
-.PHONY: deps build check test demo bench
+.PHONY: deps build check test test-install deb demo bench bench-overload
 
 deps:
 	./scripts/install-deps.sh
@@ -14,9 +14,21 @@ check:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 # Unit tests of the pure core, then integration tests against a real nginx with the module
-# and a real InfluxDB (both started by the tests on free loopback ports).
+# and a real InfluxDB (both started by the tests on free loopback ports), then the install
+# tests: nginx's own build (--add-dynamic-module) and the Debian package (needs root or sudo:
+# it installs and purges the package).
 test: deps
 	$(CARGO) test
+	./tests/install/dynamic_module.sh
+	./tests/install/deb.sh
+
+test-install: deps
+	./tests/install/dynamic_module.sh
+	./tests/install/deb.sh
+
+# target/debian/libnginx-mod-http-analytics_<version>_<arch>.deb for Debian's own nginx.
+deb: deps
+	./scripts/build-deb.sh
 
 demo: deps
 	./scripts/demo.sh
@@ -24,3 +36,9 @@ demo: deps
 bench: deps
 	./bench/run.sh
 	./bench/hotpath.sh
+
+# Overload: 2,000 connections while InfluxDB is frozen for 10 s. With
+# BASELINE_MODULE=/path/to/an/older/libngx_http_analytics_module.so it alternates that module and
+# this one and prints ratios current/baseline.
+bench-overload: deps
+	./bench/overload.sh

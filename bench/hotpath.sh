@@ -17,6 +17,8 @@
 #   dry random-ua   dry path, `analytics_drop_bots off`, a new random 150-character user agent
 #                   per request (what a client can make bot detection cost)
 #   dry+bots random-ua  the same with `analytics_drop_bots on`
+#   dry nozone      dry path as `dry`, in a second nginx with `analytics_metrics_zone off`
+#                   (every other case counts into the metrics zone): the cost of the metrics
 # Where `perf stat` works (Debian's linux-perf, root), it also counts the worker's user-space
 # instructions per request, which a busy machine disturbs far less than CPU time.
 # Settings: HOTPATH_ROUNDS (default 5), HOTPATH_DURATION (s per case and round, 4),
@@ -40,7 +42,7 @@ cleanup() {
     rm -rf "$run"
 }
 trap cleanup EXIT
-mkdir -p "$run/nginx/logs"
+mkdir -p "$run/nginx/logs" "$run/nginx2/logs"
 
 pin_worker="" pin_wrk=()
 if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then
@@ -73,6 +75,13 @@ http {
 CONF
 start_nginx "$nginx_bin" "$run/nginx" "http://127.0.0.1:$port/floor"
 worker=$(pgrep -P "$(cat "$run/nginx/logs/nginx.pid")" | head -n 1)
+
+# The same server without a metrics zone, on the next port.
+port2=$((port + 1))
+sed -e "s/127.0.0.1:$port;/127.0.0.1:$port2;/" -e "s/^http {/http {\n    analytics_metrics_zone off;/" \
+    "$run/nginx/nginx.conf" > "$run/nginx2/nginx.conf"
+start_nginx "$nginx_bin" "$run/nginx2" "http://127.0.0.1:$port2/floor"
+worker2=$(pgrep -P "$(cat "$run/nginx2/logs/nginx.pid")" | head -n 1)
 
 # The same request in every case: a browser's headers (user agent from $HOTPATH_UA) and a
 # 150-byte event beacon.
@@ -116,42 +125,48 @@ browser_ua="Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML,
 bot_ua="Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 
 cases=(floor dry dry+bots "dry bot-ua" "dry+bots bot-ua" "dry many-ua" "dry+bots many-ua"
-    "dry random-ua" "dry+bots random-ua")
+    "dry random-ua" "dry+bots random-ua" "dry nozone")
 declare -A location=([floor]=floor [dry]=dry [dry+bots]=dry_bots ["dry bot-ua"]=dry
     ["dry+bots bot-ua"]=dry_bots ["dry many-ua"]=dry ["dry+bots many-ua"]=dry_bots
-    ["dry random-ua"]=dry ["dry+bots random-ua"]=dry_bots)
+    ["dry random-ua"]=dry ["dry+bots random-ua"]=dry_bots ["dry nozone"]=dry)
 declare -A agent=([floor]=$browser_ua [dry]=$browser_ua [dry+bots]=$browser_ua
     ["dry bot-ua"]=$bot_ua ["dry+bots bot-ua"]=$bot_ua ["dry many-ua"]=$browser_ua
     ["dry+bots many-ua"]=$browser_ua ["dry random-ua"]=$browser_ua
-    ["dry+bots random-ua"]=$browser_ua)
+    ["dry+bots random-ua"]=$browser_ua ["dry nozone"]=$browser_ua)
 
 # user and system CPU ticks of the worker (fields 14 and 15 of /proc/<pid>/stat; the fields are
 # counted after the ")" that closes the command name).
 cpu_ticks() {
-    sed 's/^.*) //' "/proc/$worker/stat" | awk '{ print $12, $13 }'
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12, $13 }'
 }
 hz=$(getconf CLK_TCK)
-perf_stat=()
+count_instructions=""
 # (Virtual machines often have no instruction counter: perf then says "<not supported>".)
 if perf stat -x, -e instructions:u -o "$run/perf.txt" true >/dev/null 2>&1 &&
     grep -q '^[0-9]' "$run/perf.txt"; then
-    perf_stat=(perf stat -x, -e instructions:u -p "$worker" -o "$run/perf.txt" --)
+    count_instructions=yes
 fi
 
 # run_case NAME SECONDS: prints "user_us_per_request sys_us_per_request requests_per_s
 # user_instructions_per_request" (the last is "-" without perf).
 run_case() {
-    local name=$1 seconds=$2 before after out requests instructions=-
-    before=$(cpu_ticks)
-    local agents=""
+    local name=$1 seconds=$2 before after out requests instructions=- pid=$worker target=$port
+    if [[ $name == *nozone ]]; then
+        pid=$worker2 target=$port2
+    fi
+    before=$(cpu_ticks "$pid")
+    local agents="" perf=()
     [[ $name == *many-ua ]] && agents="$run/agents.txt"
     [[ $name == *random-ua ]] && agents=random
-    out=$(HOTPATH_UA=${agent[$name]} HOTPATH_UA_FILE=$agents "${perf_stat[@]}" "${pin_wrk[@]}" \
+    if [ -n "$count_instructions" ]; then
+        perf=(perf stat -x, -e instructions:u -p "$pid" -o "$run/perf.txt" --)
+    fi
+    out=$(HOTPATH_UA=${agent[$name]} HOTPATH_UA_FILE=$agents "${perf[@]}" "${pin_wrk[@]}" \
         wrk -t1 -c"$connections" -d"${seconds}s" -s "$run/beacon.lua" \
-        "http://127.0.0.1:$port/${location[$name]}")
-    after=$(cpu_ticks)
+        "http://127.0.0.1:$target/${location[$name]}")
+    after=$(cpu_ticks "$pid")
     requests=$(awk '/requests in/ { print $1 }' <<<"$out")
-    if [ ${#perf_stat[@]} -gt 0 ]; then
+    if [ -n "$count_instructions" ]; then
         instructions=$(awk -F, -v n="$requests" '/instructions/ { printf "%.0f", $1 / n }' \
             "$run/perf.txt")
     fi
@@ -219,3 +234,4 @@ summary "dry path over the floor (drop_bots on, browser)" dry+bots floor 1.0
 summary "bot detection (drop_bots on - off, browser)" dry+bots dry 0.3
 summary "bot detection, 4,096 browsers in turn (cache miss)" "dry+bots many-ua" "dry many-ua"
 summary "bot detection, random user agents" "dry+bots random-ua" "dry random-ua"
+summary "metrics zone (dry - dry without a zone)" dry "dry nozone"

@@ -53,6 +53,8 @@ echo "==> events stored in InfluxDB (SELECT * FROM pf_analytics_event)"
 query 'SELECT * FROM "pf_analytics_event"'
 echo "==> events per name (SELECT sum(counter) FROM pf_analytics_event GROUP BY event)"
 query 'SELECT sum("counter") FROM "pf_analytics_event" GROUP BY "event"'
+echo "==> unique visits (SELECT COUNT(DISTINCT(sess)) FROM pf_analytics)"
+query 'SELECT COUNT(DISTINCT("sess")) FROM "pf_analytics"'
 
 echo "==> the demo page and the browser agent"
 for path in /demo/ /analytics/agent.js; do

@@ -6,8 +6,9 @@
 #
 # Target `beacon` (fuzz/fuzz_targets/beacon.rs): any bytes as a beacon body; parse_beacon must
 # not panic, and an accepted beacon must encode to exactly one line that the
-# influxdb-line-protocol crate reads back to the same measurement, tags, fields and timestamp
-# (the checker is check_body in src/core/roundtrip_tests.rs, which `cargo test` also runs).
+# influxdb-line-protocol crate reads back to the same measurement, tags, fields and timestamp,
+# with each `analytics_session` setting (the checker is check_body in
+# src/core/roundtrip_tests.rs, which `cargo test` also runs).
 #
 # Needs: cargo-fuzz (`cargo install cargo-fuzz`) and a nightly toolchain, or a stable one with
 # RUSTC_BOOTSTRAP=1 (set here unless the active toolchain is nightly).

@@ -11,6 +11,8 @@ packages=(
     curl wrk                     # demo and benchmark clients
     nghttp2-client               # h2load: HTTP/2 test client
     chromium chromium-driver     # browser tests of the agent (headless Chromium + chromedriver)
+    nginx nginx-dev              # Debian's nginx and its source + flags: `make deb`, tests/install
+    dpkg-dev lintian             # dpkg-shlibdeps for `make deb`; lintian checks the .deb
 )
 
 missing=()
@@ -27,9 +29,18 @@ sudo=""
 if [ "$(id -u)" -ne 0 ]; then
     sudo="sudo"
 fi
+# The nginx and influxdb packages would start system services on their default ports (80, 8086);
+# the tests, the demo and the benchmark start their own nginx and influxd on free loopback
+# ports and need none. Unless the system has a policy already, deny service starts while apt
+# runs (invoke-rc.d and deb-systemd-invoke obey /usr/sbin/policy-rc.d).
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# Written by ngx-analytics scripts/install-deps.sh for apt.\nexit 101\n' \
+        | $sudo tee "$policy" > /dev/null
+    $sudo chmod 755 "$policy"
+    trap '$sudo rm -f "$policy"' EXIT
+fi
+
 echo "installing: ${missing[*]}" >&2
 $sudo apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-
-# The influxdb package may start a system service on the default ports; the tests and the demo
-# start their own influxd on free loopback ports and do not need it.

@@ -19,7 +19,8 @@ release_nginx() {
 }
 
 # start_influxd DIR HTTP_PORT RPC_PORT: InfluxDB 1.x with its data in DIR, on 127.0.0.1,
-# waits until it answers /ping.
+# waits (up to 60 s: a loaded machine can be slow) until it answers /ping; fails at once if
+# influxd exits (a port taken, for example).
 start_influxd() {
     local dir=$1 http_port=$2 rpc_port=$3
     mkdir -p "$dir"
@@ -32,9 +33,8 @@ bind-address = "127.0.0.1:$rpc_port"
   dir = "$dir/data"
   wal-dir = "$dir/wal"
   query-log-enabled = false
-  # Every session is a new value of the sess tag: lift the default limit of 100,000
-  # values per tag (it would refuse writes after 100,000 sessions).
-  max-values-per-tag = 0
+  # max-values-per-tag stays at its default (100,000): with the default
+  # "analytics_session field" a visit is no new tag value.
 [http]
   bind-address = "127.0.0.1:$http_port"
   log-enabled = false
@@ -42,12 +42,15 @@ bind-address = "127.0.0.1:$rpc_port"
   store-enabled = false
 CONF
     influxd -config "$dir/influxdb.conf" > "$dir/influxd.log" 2>&1 &
-    pids+=($!)
-    for _ in $(seq 1 100); do
+    local pid=$!
+    pids+=("$pid")
+    for _ in $(seq 1 300); do
         curl -fs "http://127.0.0.1:$http_port/ping" >/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || break
         sleep 0.2
     done
-    echo "InfluxDB did not start; see $dir/influxd.log" >&2
+    echo "InfluxDB did not start; see $dir/influxd.log:" >&2
+    tail -n 5 "$dir/influxd.log" >&2
     return 1
 }
 

@@ -3,18 +3,12 @@
 //!
 //! The answer carries a content-derived `ETag` (nginx's not-modified filter then answers
 //! `If-None-Match` with 304) and `Cache-Control`; nginx's gzip filter compresses it when
-//! `gzip_types` lists `application/javascript`.
+//! `gzip_types` lists `application/javascript`. The serving itself is [`crate::request::serve_from_memory`].
 
-use std::ptr;
-
-use ngx::ffi::{
-    ngx_buf_t, ngx_chain_t, ngx_http_discard_request_body, ngx_http_output_filter,
-    ngx_http_request_t, ngx_http_send_header, ngx_int_t, ngx_list_push, ngx_pcalloc,
-    ngx_table_elt_t, ngx_uint_t, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_INTERNAL_SERVER_ERROR,
-};
+use ngx::ffi::{ngx_http_request_t, ngx_int_t, NGX_HTTP_INTERNAL_SERVER_ERROR};
 use ngx::http::Request;
 
-use crate::handler::{ngx_string_static, no_panic, send_response, NGX_ERROR, NGX_OK};
+use crate::request::{fnv1a, no_panic, serve_from_memory, MemoryResponse};
 
 /// The agent's source, served byte for byte.
 pub static AGENT_JS: &[u8] = include_bytes!("../agent/analytics.js");
@@ -23,18 +17,6 @@ pub static AGENT_JS: &[u8] = include_bytes!("../agent/analytics.js");
 const CACHE_CONTROL: &[u8] = b"public, max-age=3600";
 
 const CONTENT_TYPE: &[u8] = b"application/javascript; charset=utf-8";
-
-/// FNV-1a, 64 bit: a stable fingerprint of the agent for its ETag.
-const fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
-    let mut i = 0;
-    while i < bytes.len() {
-        hash ^= bytes[i] as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        i += 1;
-    }
-    hash
-}
 
 /// The agent's strong ETag: its fingerprint as 16 hex digits in quotes, built at compile time.
 static ETAG: [u8; 18] = {
@@ -62,108 +44,17 @@ pub fn agent_etag() -> &'static [u8] {
 pub unsafe extern "C" fn agent_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls a content handler with a valid main request.
     let request = unsafe { Request::from_ngx_http_request(r) };
-    no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
-        serve_agent(request)
-    })
-}
-
-fn serve_agent(request: &mut Request) -> ngx_int_t {
-    let r: *mut ngx_http_request_t = request.into();
-    // SAFETY: `r` is the valid request of this content handler; discarding is how nginx
-    // answers without reading a body.
-    let (method, rc) = unsafe { ((*r).method, ngx_http_discard_request_body(r)) };
-    if rc != NGX_OK {
-        return rc;
-    }
-    if method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as ngx_uint_t == 0 {
-        if request.add_header_out("Allow", "GET, HEAD").is_none() {
-            return NGX_ERROR;
-        }
-        return send_response(request, 405, "only GET and HEAD are allowed\n");
-    }
-
-    let etag = agent_etag();
-    // SAFETY: `r` is valid and its header is not sent yet; the header values are 'static.
-    unsafe {
-        let Some(etag_header) = push_header(r, b"ETag", etag) else {
-            return NGX_ERROR;
-        };
-        (*r).headers_out.etag = etag_header;
-        if push_header(r, b"Cache-Control", CACHE_CONTROL).is_none() {
-            return NGX_ERROR;
-        }
-        (*r).headers_out.status = 200;
-        (*r).headers_out.content_type = ngx_string_static(CONTENT_TYPE);
-        (*r).headers_out.content_type_len = CONTENT_TYPE.len();
-        (*r).headers_out.content_length_n = AGENT_JS.len() as i64;
-    }
-
-    // SAFETY: as above.
-    let rc = unsafe { ngx_http_send_header(r) };
-    // SAFETY: as above; nginx sets `header_only` for HEAD and for a 304.
-    if rc == NGX_ERROR || rc > NGX_OK || unsafe { (*r).header_only() } != 0 {
-        return rc;
-    }
-    // SAFETY: as above.
-    match unsafe { static_body(r) } {
-        // SAFETY: a chain from the request pool describing static memory.
-        Some(chain) => unsafe { ngx_http_output_filter(r, chain) },
-        None => NGX_ERROR,
-    }
-}
-
-/// Adds a response header whose key and value are static.
-///
-/// # Safety
-/// `r` must be a valid request whose header has not been sent.
-unsafe fn push_header(
-    r: *mut ngx_http_request_t,
-    key: &'static [u8],
-    value: &'static [u8],
-) -> Option<*mut ngx_table_elt_t> {
-    // SAFETY: the caller guarantees `r`; nginx returns NULL on allocation failure.
-    let header = unsafe { ngx_list_push(&mut (*r).headers_out.headers) }.cast::<ngx_table_elt_t>();
-    if header.is_null() {
-        return None;
-    }
-    // SAFETY: a fresh, exclusively ours element of the header list. Zeroing it first clears
-    // every field, including `next` (nginx >= 1.23 only), so this builds against both.
-    unsafe { ptr::write_bytes(header, 0, 1) };
-    // SAFETY: as above, now initialized.
-    let element = unsafe { &mut *header };
-    element.hash = 1;
-    element.key = ngx_string_static(key);
-    element.value = ngx_string_static(value);
-    Some(header)
-}
-
-/// A one-buffer chain pointing at [`AGENT_JS`] (no copy), marked as the last buffer.
-///
-/// # Safety
-/// `r` must be a valid request.
-unsafe fn static_body(r: *mut ngx_http_request_t) -> Option<*mut ngx_chain_t> {
-    // SAFETY: allocations from the valid request pool; NULL is checked by `as_mut`.
-    let (buf, chain) = unsafe {
-        (
-            ngx_pcalloc((*r).pool, size_of::<ngx_buf_t>()).cast::<ngx_buf_t>(),
-            ngx_pcalloc((*r).pool, size_of::<ngx_chain_t>()).cast::<ngx_chain_t>(),
-        )
+    let response = MemoryResponse {
+        content_type: CONTENT_TYPE,
+        cache_control: CACHE_CONTROL,
+        etag: agent_etag(),
+        body: AGENT_JS,
+        headers: &[],
     };
-    // SAFETY: zeroed, exclusively owned allocations (or NULL).
-    let (buf_ref, chain_ref) = unsafe { (buf.as_mut()?, chain.as_mut()?) };
-    let start = AGENT_JS.as_ptr().cast_mut();
-    buf_ref.start = start;
-    buf_ref.pos = start;
-    // SAFETY: one past the end of the static agent bytes.
-    buf_ref.last = unsafe { start.add(AGENT_JS.len()) };
-    buf_ref.end = buf_ref.last;
-    // `memory`: read-only memory that output filters must not change.
-    buf_ref.set_memory(1);
-    buf_ref.set_last_buf(1);
-    buf_ref.set_last_in_chain(1);
-    chain_ref.buf = buf;
-    chain_ref.next = ptr::null_mut();
-    Some(chain)
+    no_panic(NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t, || {
+        // SAFETY: every slice of `response` is static.
+        unsafe { serve_from_memory(request, &response) }
+    })
 }
 
 #[cfg(test)]

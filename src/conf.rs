@@ -5,6 +5,7 @@
 
 use std::ffi::{c_char, c_void};
 use std::ptr;
+use std::sync::Arc;
 
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
@@ -12,16 +13,24 @@ use ngx::ffi::{
     ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE2, NGX_HTTP_LOC_CONF,
     NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG,
 };
-use ngx::http::{HttpModuleLocationConf, Merge, MergeConfigError, NgxHttpCoreModule};
+use ngx::http::{
+    HttpModuleLocationConf, HttpModuleMainConf, Merge, MergeConfigError, NgxHttpCoreModule,
+};
 use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::core::batch::{parse_batch_args, BatchLimits};
+use crate::core::line_protocol::SessionStorage;
 use crate::core::policy::{
     push_event_names, validate_measurement_name, DomainPattern, Measurements,
 };
+use crate::metrics::{AnalyticsMainConf, ZoneSetting, MIN_ZONE_SIZE};
+use crate::HttpAnalyticsModule;
 
 /// Default URI of the internal location that receives the line protocol.
 pub const DEFAULT_WRITE_URI: &str = "/_analytics/write";
+
+/// Default URI of the internal location that proxies report queries to InfluxDB's `/query`.
+pub const DEFAULT_QUERY_URI: &str = "/_analytics/query";
 
 /// Default largest accepted beacon body, in bytes (`analytics_max_body_size`).
 pub const DEFAULT_MAX_BODY_SIZE: usize = 8 * 1024;
@@ -69,6 +78,12 @@ pub struct AnalyticsLocConf {
     pub cors_origins: Option<Vec<String>>,
     /// `analytics_drop_bots`.
     pub drop_bots: Option<bool>,
+    /// `analytics_query`.
+    pub query_uri: Option<String>,
+    /// `analytics_dashboard`: the page this location serves.
+    pub dashboard: Option<Arc<crate::dashboard::DashboardPage>>,
+    /// `analytics_session`.
+    pub session: Option<SessionStorage>,
 }
 
 impl AnalyticsLocConf {
@@ -124,6 +139,16 @@ impl AnalyticsLocConf {
         self.drop_bots.unwrap_or(true)
     }
 
+    /// URI of the internal location that proxies report queries to InfluxDB.
+    pub fn query_uri(&self) -> &str {
+        self.query_uri.as_deref().unwrap_or(DEFAULT_QUERY_URI)
+    }
+
+    /// Where `sess_id` goes in a point (default: a string field).
+    pub fn session(&self) -> SessionStorage {
+        self.session.unwrap_or_default()
+    }
+
     /// Largest accepted body in bytes.
     pub fn max_body_size(&self) -> usize {
         self.max_body_size.unwrap_or(DEFAULT_MAX_BODY_SIZE)
@@ -147,6 +172,10 @@ impl Merge for AnalyticsLocConf {
         inherit(&mut self.batch, &prev.batch);
         inherit(&mut self.cors_origins, &prev.cors_origins);
         inherit(&mut self.drop_bots, &prev.drop_bots);
+        inherit(&mut self.query_uri, &prev.query_uri);
+        // For `if` blocks inside a dashboard location, which keep its content handler.
+        inherit(&mut self.dashboard, &prev.dashboard);
+        inherit(&mut self.session, &prev.session);
         Ok(())
     }
 }
@@ -169,7 +198,7 @@ const fn command(
 }
 
 /// The module's directive table (terminated by an empty command, as nginx expects).
-pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 12] = [
+pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 18] = [
     command(
         ngx_string!("analytics"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
@@ -179,6 +208,11 @@ pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 12] = [
         ngx_string!("analytics_agent"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
         cmd_agent,
+    ),
+    command(
+        ngx_string!("analytics_dashboard"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1,
+        cmd_dashboard,
     ),
     command(
         ngx_string!("permitted_events"),
@@ -224,6 +258,31 @@ pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 12] = [
         ngx_string!("analytics_drop_bots"),
         ANY_LEVEL | NGX_CONF_TAKE1,
         cmd_drop_bots,
+    ),
+    command(
+        ngx_string!("analytics_report"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        cmd_report,
+    ),
+    command(
+        ngx_string!("analytics_query"),
+        ANY_LEVEL | NGX_CONF_TAKE1,
+        cmd_query,
+    ),
+    command(
+        ngx_string!("analytics_session"),
+        ANY_LEVEL | NGX_CONF_TAKE1,
+        cmd_session,
+    ),
+    command(
+        ngx_string!("analytics_metrics"),
+        NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        cmd_metrics,
+    ),
+    command(
+        ngx_string!("analytics_metrics_zone"),
+        NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+        cmd_metrics_zone,
     ),
     ngx_command_t::empty(),
 ];
@@ -273,7 +332,11 @@ unsafe fn run_directive(
         return NGX_CONF_ERROR;
     };
     let mut directive = Directive { cf, args, conf };
-    match handler(&mut directive) {
+    // A panic must not unwind into nginx (it would abort the master on reload).
+    let result = crate::request::no_panic(Err("failed (internal error)".to_string()), || {
+        handler(&mut directive)
+    });
+    match result {
         Ok(()) => NGX_CONF_OK,
         Err(message) => {
             ngx_conf_log_error!(NGX_LOG_EMERG, cf, "\"{name}\" directive {message}");
@@ -298,15 +361,21 @@ macro_rules! directive_handler {
 
 directive_handler!(cmd_analytics, set_analytics);
 directive_handler!(cmd_agent, set_agent);
+directive_handler!(cmd_dashboard, set_dashboard);
 directive_handler!(cmd_batch, set_batch);
 directive_handler!(cmd_cors_origins, set_cors_origins);
 directive_handler!(cmd_drop_bots, set_drop_bots);
+directive_handler!(cmd_session, set_session);
 directive_handler!(cmd_permitted_events, set_permitted_events);
 directive_handler!(cmd_domains, set_domains);
 directive_handler!(cmd_write, set_write);
 directive_handler!(cmd_write_mode, set_write_mode);
 directive_handler!(cmd_measurements, set_measurements);
 directive_handler!(cmd_max_body_size, set_max_body_size);
+directive_handler!(cmd_report, set_report);
+directive_handler!(cmd_metrics, set_metrics);
+directive_handler!(cmd_metrics_zone, set_metrics_zone);
+directive_handler!(cmd_query, set_query);
 
 fn duplicate<T>(value: &Option<T>) -> Result<(), String> {
     match value {
@@ -378,8 +447,40 @@ fn set_drop_bots(d: &mut Directive) -> Result<(), String> {
     Ok(())
 }
 
+fn set_report(d: &mut Directive) -> Result<(), String> {
+    set_content_handler(d, crate::report::report_handler)
+}
+
+fn set_query(d: &mut Directive) -> Result<(), String> {
+    duplicate(&d.conf.query_uri)?;
+    match d.args[..] {
+        [uri] if uri.starts_with('/') && !uri.bytes().any(|b| b.is_ascii_whitespace()) => {
+            d.conf.query_uri = Some(uri.to_string());
+            Ok(())
+        }
+        _ => Err("takes a URI starting with \"/\"".to_string()),
+    }
+}
+
+fn set_session(d: &mut Directive) -> Result<(), String> {
+    duplicate(&d.conf.session)?;
+    let session = match d.args[..] {
+        [arg] => SessionStorage::parse(arg),
+        _ => None,
+    };
+    d.conf.session = Some(session.ok_or("takes \"field\", \"tag\" or \"off\"")?);
+    Ok(())
+}
+
 fn set_agent(d: &mut Directive) -> Result<(), String> {
     set_content_handler(d, crate::agent::agent_handler)
+}
+
+fn set_dashboard(d: &mut Directive) -> Result<(), String> {
+    let page = crate::dashboard::DashboardPage::new(d.args.first().copied())?;
+    set_content_handler(d, crate::dashboard::dashboard_handler)?;
+    d.conf.dashboard = Some(Arc::new(page));
+    Ok(())
 }
 
 fn set_permitted_events(d: &mut Directive) -> Result<(), String> {
@@ -388,7 +489,54 @@ fn set_permitted_events(d: &mut Directive) -> Result<(), String> {
     for arg in &d.args {
         push_event_names(&mut names, arg)?;
     }
+    // Every configured name is a label value of the event counters.
+    let mcf = main_conf(d)?;
+    for name in &names {
+        if !mcf.event_names.contains(name) {
+            mcf.event_names.push(name.clone());
+        }
+    }
     d.conf.permitted_events = Some(names);
+    Ok(())
+}
+
+/// The module's main configuration of the `http` block being parsed.
+fn main_conf<'a>(d: &Directive) -> Result<&'a mut AnalyticsMainConf, String> {
+    // SAFETY: `d.cf` is the configuration context of a directive in an `http` block.
+    HttpAnalyticsModule::main_conf_mut(unsafe { &*d.cf })
+        .ok_or_else(|| "has no main configuration".to_string())
+}
+
+fn set_metrics(d: &mut Directive) -> Result<(), String> {
+    set_content_handler(d, crate::metrics::metrics_handler)
+}
+
+fn set_metrics_zone(d: &mut Directive) -> Result<(), String> {
+    let mcf = main_conf(d)?;
+    if mcf.zone != ZoneSetting::Default {
+        return Err("is duplicate".to_string());
+    }
+    mcf.zone = match d.args[..] {
+        ["off"] => ZoneSetting::Off,
+        [text] => {
+            let mut value = ngx_str_t {
+                len: text.len(),
+                data: text.as_ptr().cast_mut(),
+            };
+            // SAFETY: `value` points at `text`, which outlives the call; only read.
+            let size = unsafe { ngx_parse_size(&mut value) };
+            match usize::try_from(size) {
+                Ok(size) if size >= MIN_ZONE_SIZE => ZoneSetting::Size(size),
+                _ => {
+                    return Err(format!(
+                        "takes \"off\" or a size of at least {}k, not \"{text}\"",
+                        MIN_ZONE_SIZE / 1024
+                    ))
+                }
+            }
+        }
+        _ => return Err("takes one size or \"off\"".to_string()),
+    };
     Ok(())
 }
 

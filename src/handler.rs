@@ -7,162 +7,58 @@
 //! is done. Every path finalizes the request exactly once, and no panic can cross into nginx.
 
 use std::borrow::Cow;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
-use ngx::core::{Buffer, Status};
 use ngx::ffi::{
-    ngx_buf_t, ngx_chain_t, ngx_event_t, ngx_http_discard_request_body, ngx_http_finalize_request,
-    ngx_http_output_filter, ngx_http_read_client_request_body, ngx_http_request_t,
-    ngx_http_send_header, ngx_int_t, ngx_pcalloc, ngx_process_slot, ngx_read_file, ngx_str_t,
-    ngx_uint_t, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_OPTIONS, NGX_HTTP_POST,
-    NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_INFO,
+    ngx_buf_t, ngx_chain_t, ngx_http_discard_request_body, ngx_http_finalize_request,
+    ngx_http_read_client_request_body, ngx_http_request_t, ngx_int_t, ngx_process_slot,
+    ngx_read_file, ngx_uint_t, NGX_HTTP_FORBIDDEN, NGX_HTTP_INTERNAL_SERVER_ERROR,
+    NGX_HTTP_OPTIONS, NGX_HTTP_POST, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NGX_HTTP_SPECIAL_RESPONSE,
+    NGX_LOG_INFO,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, Request};
 use ngx::ngx_log_error;
 
-use crate::batch::{self, Batch, Submitted};
-use crate::conf::AnalyticsLocConf;
+use crate::batch::queue_line;
 use crate::core::beacon::parse_beacon;
-use crate::core::beacon::MAX_EVENT_LEN;
 use crate::core::bots::is_bot;
 use crate::core::line_protocol::encode_point;
 use crate::core::policy::{check_policy, snippet, Refusal};
 use crate::core::timestamp::{unix_now_ns, UniqueClock};
+use crate::request::{
+    metrics, no_panic, outcome, record, send_response, status, with_ctx, RequestCtx, NGX_DONE,
+    NGX_ERROR, NGX_OK,
+};
 use crate::HttpAnalyticsModule;
 
 /// Per-worker source of unique timestamps (see [`crate::core::timestamp`]).
 static CLOCK: UniqueClock = UniqueClock::new();
 
-/// Per-request state of the beacon endpoint, allocated from the request pool before the body
-/// is read (so the `$analytics_*` variables describe every request of the location).
-pub struct RequestCtx {
-    /// The request this state belongs to (set when it joins a batch).
-    pub request: *mut ngx_http_request_t,
-    /// The batch this request waits on; NULL when none (or once the batch answered).
-    pub batch: *mut Batch,
-    /// Wakes a parked request in its own context (posted), and times a leader's batch.
-    pub wake: ngx_event_t,
-    /// The write holding this request's line has finished.
-    pub write_finished: bool,
-    /// That write did not store the line.
-    pub write_failed: bool,
-    /// `background` mode leader: the code of the 204 already sent.
-    pub early_answer: Option<ngx_int_t>,
-    /// The line of a request waiting for room in a batch (empty otherwise).
-    pub waiting_line: Vec<u8>,
-    /// `$analytics_status`: one of the [`outcome`] tokens.
-    pub outcome: &'static str,
-    /// `$analytics_reason`: why the beacon was refused (empty when it was not).
-    pub reason: String,
-    /// `$analytics_event`: the beacon's event name, lowercased (empty for page views).
-    pub event: InlineText,
-}
-
-impl Default for RequestCtx {
-    fn default() -> Self {
-        RequestCtx {
-            request: ptr::null_mut(),
-            batch: ptr::null_mut(),
-            // SAFETY: `ngx_event_t` is a C struct of integers, bit fields, pointers and
-            // optional function pointers, for which all zeroes is the valid "unused" state
-            // (nginx itself allocates events zeroed).
-            wake: unsafe { std::mem::zeroed() },
-            write_finished: false,
-            write_failed: false,
-            early_answer: None,
-            waiting_line: Vec::new(),
-            outcome: outcome::INCOMPLETE,
-            reason: String::new(),
-            event: InlineText::default(),
-        }
-    }
-}
-
-/// A short text (an event name) stored inside the per-request state itself, so recording it
-/// allocates nothing.
-pub struct InlineText {
-    len: usize,
-    bytes: [u8; MAX_EVENT_LEN],
-}
-
-impl Default for InlineText {
-    fn default() -> Self {
-        InlineText {
-            len: 0,
-            bytes: [0; MAX_EVENT_LEN],
-        }
-    }
-}
-
-impl InlineText {
-    /// Stores `text`, cut at a character boundary to fit.
-    fn set(&mut self, text: &str) {
-        let mut len = text.len().min(self.bytes.len());
-        while !text.is_char_boundary(len) {
-            len -= 1;
-        }
-        self.bytes[..len].copy_from_slice(&text.as_bytes()[..len]);
-        self.len = len;
-    }
-
-    /// The stored text.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
-/// Values of `$analytics_status`.
-pub mod outcome {
-    /// The body never arrived completely (timeout, client gone).
-    pub const INCOMPLETE: &str = "incomplete";
-    /// Stored (wait mode), queued for writing (background mode) or validated (write off).
-    pub const ACCEPTED: &str = "accepted";
-    /// 400: not a valid beacon.
-    pub const INVALID: &str = "invalid";
-    /// 422: the event is not in `permitted_events`.
-    pub const EVENT_NOT_PERMITTED: &str = "event_not_permitted";
-    /// 422: the domain is not accepted.
-    pub const DOMAIN_NOT_ACCEPTED: &str = "domain_not_accepted";
-    /// 413.
-    pub const BODY_TOO_LARGE: &str = "body_too_large";
-    /// 405.
-    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
-    /// A CORS preflight that was answered.
-    pub const PREFLIGHT: &str = "preflight";
-    /// Dropped because the user agent is a crawler or automation (answered 204).
-    pub const BOT: &str = "bot";
-    /// The write failed or could not be queued.
-    pub const WRITE_FAILED: &str = "write_failed";
-    /// An internal error (allocation, I/O).
-    pub const ERROR: &str = "error";
-}
-
-pub(crate) const NGX_OK: ngx_int_t = Status::NGX_OK.0;
-pub(crate) const NGX_ERROR: ngx_int_t = Status::NGX_ERROR.0;
-pub(crate) const NGX_DONE: ngx_int_t = Status::NGX_DONE.0;
 const INTERNAL_ERROR: ngx_int_t = NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
 const TOO_LARGE: ngx_int_t = NGX_HTTP_REQUEST_ENTITY_TOO_LARGE as ngx_int_t;
-
-/// Status codes the endpoint answers with.
-mod status {
-    pub const NO_CONTENT: usize = 204;
-    pub const BAD_REQUEST: usize = 400;
-    pub const METHOD_NOT_ALLOWED: usize = 405;
-    pub const UNPROCESSABLE: usize = 422;
-    pub const BAD_GATEWAY: usize = 502;
-}
-
-/// Runs `f`, turning a panic into `fallback` so it never unwinds into nginx (which would abort
-/// the worker).
-pub fn no_panic<T>(fallback: T, f: impl FnOnce() -> T) -> T {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
-}
+const FORBIDDEN: ngx_int_t = NGX_HTTP_FORBIDDEN as ngx_int_t;
 
 /// Content handler of a location with `analytics;`.
 pub unsafe extern "C" fn analytics_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    // SAFETY: nginx calls a content handler with a valid main request.
+    // SAFETY: nginx calls a content handler with a valid request.
     let request = unsafe { Request::from_ngx_http_request(r) };
+    // SAFETY: as above.
+    if unsafe { (*r).main } != r {
+        // A subrequest (SSI include, mirror, njs): it shares its parent's body and connection
+        // and is no beacon of its own; counting it would count the parent's beacon twice.
+        ngx_log_error!(
+            NGX_LOG_INFO,
+            request.log(),
+            "analytics: subrequest to the beacon endpoint refused (403)"
+        );
+        // An empty 403: an SSI include shows nothing, rather than nginx's error page.
+        // SAFETY: as above; the subrequest has no body of its own to read.
+        let rc = unsafe { ngx_http_discard_request_body(r) };
+        if rc != NGX_OK {
+            return rc;
+        }
+        return send_response(request, FORBIDDEN as usize, "");
+    }
     no_panic(INTERNAL_ERROR, || handle_request(request))
 }
 
@@ -286,10 +182,18 @@ fn process_beacon(request: &mut Request) -> ngx_int_t {
     let permitted = lcf.permitted_events();
     if let Err(refusal) = check_policy(&beacon, permitted, lcf.accepted_domains(), &host) {
         let token = match refusal {
-            Refusal::EventNotPermitted(_) => outcome::EVENT_NOT_PERMITTED,
+            Refusal::EventNotPermitted(_) => {
+                if let Some(counters) = metrics() {
+                    counters.count_refused_event();
+                }
+                outcome::EVENT_NOT_PERMITTED
+            }
             Refusal::DomainNotAccepted(_) => outcome::DOMAIN_NOT_ACCEPTED,
         };
         return refuse(request, status::UNPROCESSABLE, token, refusal.to_string());
+    }
+    if let (Some(name), Some(counters)) = (beacon.event_name(), metrics()) {
+        counters.count_event(name);
     }
 
     let Some(uri) = lcf.write_uri() else {
@@ -302,66 +206,10 @@ fn process_beacon(request: &mut Request) -> ngx_int_t {
     let slot = unsafe { ngx_process_slot };
     let timestamp = CLOCK.stamp(unix_now_ns(), u16::try_from(slot).unwrap_or(0));
     let mut line = Vec::with_capacity(256 + body.len());
-    encode_point(&beacon, lcf.measurements(), timestamp, &mut line);
+    let session = lcf.session();
+    encode_point(&beacon, lcf.measurements(), session, timestamp, &mut line);
 
-    queue_line(request, lcf, uri, &line)
-}
-
-/// Hands an encoded line to the batch for `uri`; returns the code to finalize the request with,
-/// or `NGX_DONE` when its batch (or a wait for room) will finish it.
-fn queue_line(request: &mut Request, lcf: &AnalyticsLocConf, uri: &str, line: &[u8]) -> ngx_int_t {
-    match batch::submit(request, uri, line, lcf.write_mode(), lcf.batch_limits()) {
-        Submitted::Parked => NGX_DONE,
-        Submitted::Queued => {
-            record(request, outcome::ACCEPTED, "");
-            send_response(request, status::NO_CONTENT, "")
-        }
-        Submitted::Error => {
-            record(request, outcome::ERROR, "");
-            INTERNAL_ERROR
-        }
-    }
-}
-
-/// Submits the line of a request that waited for room in a batch, again.
-pub fn resubmit(request: &mut Request, line: &[u8]) -> ngx_int_t {
-    match HttpAnalyticsModule::location_conf(request) {
-        Some(lcf) => match lcf.write_uri() {
-            Some(uri) => queue_line(request, lcf, uri, line),
-            None => INTERNAL_ERROR,
-        },
-        None => INTERNAL_ERROR,
-    }
-}
-
-const WRITE_FAILED: &str = "analytics write failed\n";
-
-/// Answers a request whose batch was written: 204 when its line was stored, 502 when not (in
-/// `background` mode the 204 was sent already). Returns the code to finalize it with.
-pub fn answer_write_outcome(request: &mut Request) -> ngx_int_t {
-    let Some((failed, early_answer)) = with_ctx(request, |ctx| {
-        ctx.outcome = match ctx.write_failed {
-            true => outcome::WRITE_FAILED,
-            false => outcome::ACCEPTED,
-        };
-        (ctx.write_failed, ctx.early_answer)
-    }) else {
-        return INTERNAL_ERROR;
-    };
-    match early_answer {
-        Some(NGX_ERROR) => NGX_ERROR,
-        Some(_) => NGX_OK,
-        None if failed => send_response(request, status::BAD_GATEWAY, WRITE_FAILED),
-        None => send_response(request, status::NO_CONTENT, ""),
-    }
-}
-
-/// Records the outcome (and reason) of the request for `$analytics_status` / `_reason`.
-fn record(request: &Request, token: &'static str, reason: &str) {
-    with_ctx(request, |ctx| {
-        ctx.outcome = token;
-        ctx.reason = reason.to_string();
-    });
+    queue_line(request, lcf, uri, Cow::Borrowed(&line))
 }
 
 /// Refuses a beacon: records and logs the reason once at `info` (never the body) and answers
@@ -428,21 +276,6 @@ fn answer_preflight(request: &mut Request) -> ngx_int_t {
         }
     }
     send_response(request, status::NO_CONTENT, "")
-}
-
-/// Runs `f` on this module's per-request state, if the content handler created it.
-fn with_ctx<T>(request: &Request, f: impl FnOnce(&mut RequestCtx) -> T) -> Option<T> {
-    // SAFETY: NULL or the pool-allocated ctx of this live request; nginx runs one handler at a
-    // time on the worker's thread, and the reference does not outlive `f`.
-    unsafe { request_ctx_ptr(request).as_mut() }.map(f)
-}
-
-/// Pointer to this module's per-request state (NULL before the content handler ran).
-pub fn request_ctx_ptr(request: &Request) -> *mut RequestCtx {
-    let r: &ngx_http_request_t = request.as_ref();
-    let index = HttpAnalyticsModule::module().ctx_index;
-    // SAFETY: `r.ctx` holds one pointer per HTTP module, `index` is this module's slot.
-    unsafe { *r.ctx.add(index) }.cast::<RequestCtx>()
 }
 
 /// The request's own host without port (`$host` minus the fallback to `server_name`).
@@ -562,68 +395,4 @@ fn append_buf(body: &mut Vec<u8>, buf: &ngx_buf_t, limit: usize) -> Result<(), B
     // SAFETY: as above.
     body.extend_from_slice(unsafe { std::slice::from_raw_parts(buf.pos, len) });
     Ok(())
-}
-
-/// Sends a complete response (status, optional `text/plain` body) and returns the code to
-/// finalize the request with.
-pub fn send_response(request: &mut Request, status: usize, text: &str) -> ngx_int_t {
-    let r: *mut ngx_http_request_t = request.into();
-    // SAFETY: `r` is the valid main request, whose header has not been sent yet.
-    unsafe {
-        (*r).headers_out.status = status;
-        if status == status::UNPROCESSABLE {
-            // nginx has no reason phrase for 422.
-            (*r).headers_out.status_line = ngx_string_static(b"422 Unprocessable Content");
-        }
-        if text.is_empty() {
-            (*r).set_header_only(1);
-            (*r).headers_out.content_length_n = 0;
-        } else {
-            (*r).headers_out.content_type = ngx_string_static(b"text/plain");
-            (*r).headers_out.content_type_len = (*r).headers_out.content_type.len;
-            (*r).headers_out.content_length_n = text.len() as i64;
-        }
-    }
-    // SAFETY: as above.
-    let rc = unsafe { ngx_http_send_header(r) };
-    // SAFETY: as above; `header_only` is also set by nginx for HEAD requests.
-    if rc == NGX_ERROR || rc > NGX_OK || unsafe { (*r).header_only() } != 0 {
-        return rc;
-    }
-    match body_chain(request, text.as_bytes()) {
-        // SAFETY: the chain and its buffer were just allocated from the request pool.
-        Some(chain) => unsafe { ngx_http_output_filter(r, chain) },
-        None => NGX_ERROR,
-    }
-}
-
-/// A one-buffer chain holding a pool copy of `bytes`, marked as the last buffer.
-pub fn body_chain(request: &Request, bytes: &[u8]) -> Option<*mut ngx_chain_t> {
-    let pool = request.pool();
-    let mut buf = pool.create_buffer(bytes.len())?;
-    let raw = buf.as_ngx_buf_mut();
-    // SAFETY: `create_buffer` made a writable buffer of `bytes.len()` bytes at `last`.
-    unsafe {
-        ptr::copy_nonoverlapping(bytes.as_ptr(), (*raw).last, bytes.len());
-        (*raw).last = (*raw).last.add(bytes.len());
-        (*raw).set_last_buf(1);
-        (*raw).set_last_in_chain(1);
-    }
-    // SAFETY: allocating a zeroed chain link from the request pool.
-    let chain =
-        unsafe { ngx_pcalloc(pool.as_ptr(), size_of::<ngx_chain_t>()) }.cast::<ngx_chain_t>();
-    // SAFETY: `chain` is checked for NULL and points at a zeroed `ngx_chain_t`.
-    unsafe { chain.as_mut() }.map(|link| {
-        link.buf = raw;
-        link.next = ptr::null_mut();
-        chain
-    })
-}
-
-/// An `ngx_str_t` pointing at static bytes (nginx only reads header strings).
-pub fn ngx_string_static(bytes: &'static [u8]) -> ngx_str_t {
-    ngx_str_t {
-        len: bytes.len(),
-        data: bytes.as_ptr().cast_mut(),
-    }
 }

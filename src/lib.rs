@@ -10,18 +10,26 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+use std::ffi::{c_char, c_void};
 use std::ptr;
 
+use ngx::core::{Pool, NGX_CONF_ERROR};
 use ngx::ffi::{
     ngx_conf_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
 };
-use ngx::http::{HttpModule, HttpModuleLocationConf};
+use ngx::http::{HttpModule, HttpModuleLocationConf, Merge};
+
+use crate::request::no_panic;
 
 mod agent;
 mod batch;
 pub mod conf;
 pub mod core;
+mod dashboard;
 mod handler;
+mod metrics;
+mod report;
+mod request;
 mod subrequest;
 mod variables;
 
@@ -31,22 +39,24 @@ pub struct HttpAnalyticsModule;
 
 static NGX_HTTP_ANALYTICS_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     preconfiguration: Some(HttpAnalyticsModule::preconfiguration),
-    postconfiguration: None,
-    create_main_conf: None,
+    postconfiguration: Some(HttpAnalyticsModule::postconfiguration),
+    create_main_conf: Some(create_main_conf),
     init_main_conf: None,
     create_srv_conf: None,
     merge_srv_conf: None,
-    create_loc_conf: Some(HttpAnalyticsModule::create_loc_conf),
-    merge_loc_conf: Some(HttpAnalyticsModule::merge_loc_conf),
+    create_loc_conf: Some(create_loc_conf),
+    merge_loc_conf: Some(merge_loc_conf),
 };
 
 // The exported `ngx_modules` table is what lets nginx `load_module` a cdylib built outside its
-// build system. It is left out of unit-test builds, which do not link against nginx.
-#[cfg(not(test))]
+// build system. nginx's own build (`config`) generates that table in C instead, so it is left
+// out there (feature `export-modules` off), and in unit-test builds, which do not link nginx.
+#[cfg(all(not(test), feature = "export-modules"))]
 ngx::ngx_modules!(ngx_http_analytics_module);
 
-/// The nginx module definition (`ngx_http_analytics_module`).
-#[cfg_attr(not(test), used)]
+/// The nginx module definition (`ngx_http_analytics_module`). Exported under its own name for
+/// the `ngx_modules` table that nginx's build generates.
+#[cfg_attr(not(test), used, no_mangle)]
 #[allow(non_upper_case_globals)]
 pub static mut ngx_http_analytics_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of!(NGX_HTTP_ANALYTICS_MODULE_CTX)
@@ -56,6 +66,8 @@ pub static mut ngx_http_analytics_module: ngx_module_t = ngx_module_t {
     // time from the single configuration thread.
     commands: unsafe { ptr::addr_of_mut!(conf::NGX_HTTP_ANALYTICS_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,
+    init_module: Some(metrics::init_module),
+    exit_process: Some(batch::exit_process),
     ..ngx_module_t::default()
 };
 
@@ -67,11 +79,71 @@ impl HttpModule for HttpAnalyticsModule {
     }
 
     unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-        match variables::add_variables(cf) {
+        no_panic(NGX_ERROR, || match variables::add_variables(cf) {
             Ok(()) => NGX_OK,
             Err(()) => NGX_ERROR,
-        }
+        })
     }
+
+    unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        no_panic(NGX_ERROR, || {
+            // SAFETY: nginx runs postconfiguration once per cycle on its configuration thread,
+            // after every filter module has put its filters in the chains.
+            unsafe { subrequest::install_filters() };
+            // SAFETY: the configuration context nginx passed.
+            match unsafe { metrics::add_zone(cf) } {
+                Ok(()) => NGX_OK,
+                Err(()) => NGX_ERROR,
+            }
+        })
+    }
+}
+
+// The configuration callbacks are written here rather than taken from `HttpModule`'s defaults
+// so that a panic becomes a configuration error: a panic cannot unwind out of an
+// `extern "C"` function, and aborting would take the master process down on `nginx -s reload`.
+
+/// Creates the main configuration (the default metrics zone, no event names yet).
+unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    no_panic(ptr::null_mut(), || {
+        // SAFETY: nginx passes a valid configuration context with its pool.
+        let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
+        pool.allocate(metrics::AnalyticsMainConf::default())
+            .cast::<c_void>()
+    })
+}
+
+/// Creates the location configuration (all settings unset).
+unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    no_panic(ptr::null_mut(), || {
+        // SAFETY: nginx passes a valid configuration context with its pool.
+        let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
+        pool.allocate(conf::AnalyticsLocConf::default())
+            .cast::<c_void>()
+    })
+}
+
+/// Merges a location configuration with the one of the enclosing level.
+unsafe extern "C" fn merge_loc_conf(
+    _cf: *mut ngx_conf_t,
+    prev: *mut c_void,
+    conf: *mut c_void,
+) -> *mut c_char {
+    no_panic(NGX_CONF_ERROR, || {
+        // SAFETY: both pointers come from `create_loc_conf` above; nginx passes distinct ones.
+        let (Some(prev), Some(conf)) = (unsafe {
+            (
+                prev.cast::<conf::AnalyticsLocConf>().as_ref(),
+                conf.cast::<conf::AnalyticsLocConf>().as_mut(),
+            )
+        }) else {
+            return NGX_CONF_ERROR;
+        };
+        match conf.merge(prev) {
+            Ok(()) => ptr::null_mut(),
+            Err(_) => NGX_CONF_ERROR,
+        }
+    })
 }
 
 const NGX_OK: ngx_int_t = ngx::core::Status::NGX_OK.0;
@@ -80,4 +152,9 @@ const NGX_ERROR: ngx_int_t = ngx::core::Status::NGX_ERROR.0;
 // SAFETY: `create_loc_conf` allocates exactly `conf::AnalyticsLocConf` for this module.
 unsafe impl HttpModuleLocationConf for HttpAnalyticsModule {
     type LocationConf = conf::AnalyticsLocConf;
+}
+
+// SAFETY: `create_main_conf` allocates exactly `metrics::AnalyticsMainConf` for this module.
+unsafe impl ngx::http::HttpModuleMainConf for HttpAnalyticsModule {
+    type MainConf = metrics::AnalyticsMainConf;
 }

@@ -15,7 +15,7 @@ use ngx::ffi::{
 use ngx::http::Request;
 use ngx::ngx_string;
 
-use crate::handler::{no_panic, request_ctx_ptr, NGX_ERROR, NGX_OK};
+use crate::request::{no_panic, request_ctx_ptr, NGX_ERROR, NGX_OK};
 
 /// Which value a variable reads (its `data`).
 const STATUS: usize = 0;

@@ -76,9 +76,8 @@ fn sessions_per_write(sink: &FakeSink) -> Vec<Vec<String>> {
             let body = String::from_utf8(write.body.clone()).expect("UTF-8 body");
             body.lines()
                 .map(|line| {
-                    let start = line.find(",sess=").expect("sess tag") + 6;
-                    let rest = &line[start..];
-                    rest[..rest.find(',').expect("tag after sess")].to_string()
+                    let point = common::points::Point::parse(line).expect("a readable line");
+                    point.sess().expect("a session").to_string()
                 })
                 .collect()
         })

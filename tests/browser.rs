@@ -340,7 +340,9 @@ fn page_views_carry_the_path_the_referrer_host_the_load_time_and_one_session() {
         load_time > 0.0 && load_time < 15_000.0,
         "load_time {load_time}"
     );
-    let sess = str_of(&first, "sess").expect("a sess tag").to_string();
+    let sess = str_of(&first, "sess")
+        .expect("a session (sess field)")
+        .to_string();
     assert!(!sess.is_empty() && sess.len() <= 64, "sess {sess:?}");
     assert_eq!(
         stored_sess,
@@ -383,7 +385,7 @@ fn data_no_session_leaves_out_the_session() {
     site.open("/plain.html");
     let point = site.expect_points("pf_analytics", 1).remove(0);
     assert_eq!(str_of(&point, "page"), Some("/plain.html"));
-    assert!(absent(&point, "sess"), "no sess tag expected: {point:?}");
+    assert!(absent(&point, "sess"), "no sess expected: {point:?}");
     assert!(
         absent(&point, "referrer"),
         "no referrer expected: {point:?}"

@@ -225,14 +225,14 @@ fn sink_faults_give_defined_answers_one_log_line_and_keep_the_connection() {
                 assert!(
                     wait_until(LOG_WAIT, || sink_points(&sink)
                         .iter()
-                        .any(|p| p.tag("sess") == Some(sess.as_str()))),
+                        .any(|p| p.sess() == Some(sess.as_str()))),
                     "{what}: the beacon after the fault was written"
                 );
                 // The failed beacon's point was not stored (the fake sink records it, but answered
                 // with an error), and nothing else was written meanwhile.
                 let new_points: Vec<String> = sink_points(&sink)[points_before..]
                     .iter()
-                    .filter_map(|p| p.tag("sess").map(str::to_string))
+                    .filter_map(|p| p.sess().map(str::to_string))
                     .collect();
                 let expected_points: Vec<String> = if matches!(fault, Fault::Down) {
                     vec![sess.clone()]
@@ -374,7 +374,7 @@ fn flow(port: u16, disrupt: impl FnOnce()) -> Flow {
 fn check_flow(sink: &FakeSink, flow: &Flow) -> (usize, usize, usize) {
     let mut stored: HashMap<String, usize> = HashMap::new();
     for point in sink_points(sink) {
-        if let Some(sess) = point.tag("sess") {
+        if let Some(sess) = point.sess() {
             *stored.entry(sess.to_string()).or_default() += 1;
         }
     }

@@ -215,6 +215,13 @@ fn tags(pairs: &[(&str, Option<&str>)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The `sess` string field (the default `analytics_session field`): left out when the session id
+/// is absent or empty after the string-field rules.
+fn sess_field(sess: Option<&str>) -> Option<(String, FieldValue)> {
+    let stored = stored_string_field(sess?);
+    (!stored.is_empty()).then(|| ("sess".to_string(), FieldValue::Str(stored)))
+}
+
 fn page_tag(page: &str) -> String {
     page.split(['?', '#']).next().unwrap().to_string()
 }
@@ -234,16 +241,18 @@ fn event_point(
             ("event", Some(event)),
             ("page", Some(&page_tag(page))),
             ("platform", platform),
-            ("sess", sess),
             ("type", Some("event")),
         ]),
-        fields: vec![
+        fields: [
             ("counter".into(), FieldValue::Raw("1i".into())),
             (
                 "note".into(),
                 FieldValue::Str(stored_string_field(note.unwrap_or(""))),
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(sess_field(sess))
+        .collect(),
     }
 }
 
@@ -260,10 +269,12 @@ fn view_point(
             ("page", Some(&page_tag(page))),
             ("platform", platform),
             ("referrer", referrer_host),
-            ("sess", sess),
             ("type", Some("pageview")),
         ]),
-        fields: vec![("counter".into(), FieldValue::Raw("1i".into()))],
+        fields: [("counter".into(), FieldValue::Raw("1i".into()))]
+            .into_iter()
+            .chain(sess_field(sess))
+            .collect(),
     }
 }
 

@@ -148,10 +148,10 @@ fn an_accepted_event_is_one_post_of_one_line_to_the_write_location() {
     assert_eq!(
         series,
         "pf_analytics_event,domain=www.example.com,event=socialclick,\
-         page=/posts/blog/general/share-buttons.html,platform=Linux\\ x86_64,sess=07ab-8022,\
+         page=/posts/blog/general/share-buttons.html,platform=Linux\\ x86_64,\
          timezone=-60,type=event"
     );
-    assert_eq!(fields, r#"counter=1i,note="mastodon""#);
+    assert_eq!(fields, r#"counter=1i,note="mastodon",sess="07ab-8022""#);
     assert!(
         timestamp >= before - 1_000_000 && timestamp <= now_ns() + 1_000_000,
         "the module stamps the point with the current time in ns: {timestamp}"
@@ -170,9 +170,12 @@ fn a_page_view_keeps_the_path_and_only_the_referrers_host() {
     assert_eq!(
         series,
         "pf_analytics,domain=www.example.com,page=/posts/hello.html,platform=Win32,\
-         referrer=news.example.org,sess=5e5e-0001,timezone=330,type=pageview"
+         referrer=news.example.org,timezone=330,type=pageview"
     );
-    assert_eq!(fields, "counter=1i,load_time=812.5,pages_viewed=3i");
+    assert_eq!(
+        fields,
+        r#"counter=1i,load_time=812.5,pages_viewed=3i,sess="5e5e-0001""#
+    );
 }
 
 #[test]
@@ -663,6 +666,14 @@ fn configuration_errors_name_the_directive_file_and_line() {
         (
             "analytics_domains exa*mple.com;",
             r#""analytics_domains" directive"#,
+        ),
+        (
+            "analytics_session tags;",
+            r#""analytics_session" directive takes "field", "tag" or "off""#,
+        ),
+        (
+            "analytics_session field; analytics_session off;",
+            r#""analytics_session" directive is duplicate"#,
         ),
         (
             "analytics_max_body_size 0;",

@@ -1,7 +1,8 @@
 //! Fuzz target `beacon`: any bytes as a beacon body. `parse_beacon` must not panic, and an
 //! accepted beacon must encode to exactly one line that the `influxdb-line-protocol` crate reads
-//! back to the same measurement, tags, fields and timestamp (see `check_body` in
-//! src/core/roundtrip_tests.rs, which `cargo test` also runs with proptest).
+//! back to the same measurement, tags, fields and timestamp, for each `analytics_session`
+//! setting (see `check_body` in src/core/roundtrip_tests.rs, which `cargo test` also runs with
+//! proptest).
 //!
 //! Run it with scripts/fuzz.sh.
 #![no_main]
@@ -19,5 +20,8 @@ mod roundtrip_tests;
 
 fuzz_target!(|data: &[u8]| {
     let measurements = core::Measurements::default();
-    roundtrip_tests::check_body(data, &measurements);
+    // Every `analytics_session` setting: the body parses once per setting, which is cheap.
+    for session in core::SessionStorage::ALL {
+        roundtrip_tests::check_body(data, &measurements, session);
+    }
 });

@@ -156,6 +156,19 @@ impl LineBatch {
         self.len() >= limits.max_lines || self.byte_len() >= limits.max_bytes
     }
 
+    /// Line `index` (with its `\n`), or nothing when out of range.
+    pub fn line(&self, index: usize) -> &[u8] {
+        self.chunk(&(index..index + 1))
+    }
+
+    /// Moves every line of `other` to the end of this batch, leaving `other` empty.
+    pub fn append(&mut self, other: &mut LineBatch) {
+        let offset = self.bytes.len();
+        self.bytes.append(&mut other.bytes);
+        self.ends
+            .extend(other.ends.drain(..).map(|end| end + offset));
+    }
+
     /// The bytes of the lines in `lines` (a range of line indices), for one write.
     pub fn chunk(&self, lines: &Range<usize>) -> &[u8] {
         let start = match lines.start {
@@ -182,11 +195,12 @@ pub enum ChunkOutcome {
 }
 
 impl ChunkOutcome {
-    /// Classifies a finished write from its subrequest status (`ok` = no nginx-level error)
-    /// and the sink's HTTP status.
-    pub fn from_status(ok: bool, status: usize) -> ChunkOutcome {
+    /// Classifies a finished write by the status line the sink answered with (0: no answer,
+    /// such as a refused connection or a timeout). The status line decides: a 2xx means the
+    /// sink stored the lines, even when reading the rest of its answer failed afterwards.
+    pub fn from_status(status: usize) -> ChunkOutcome {
         match status {
-            200..=299 if ok => ChunkOutcome::Stored,
+            200..=299 => ChunkOutcome::Stored,
             413 => ChunkOutcome::TooLarge,
             _ => ChunkOutcome::Failed,
         }
@@ -238,6 +252,20 @@ impl WritePlan {
         }
     }
 
+    /// Puts `chunk` back at the front, to be written again: its write ended without an answer
+    /// that says what the sink did (the request that carried it went away). Writing a line twice
+    /// stores one point, since every line has its own timestamp.
+    pub fn retry(&mut self, chunk: Range<usize>) {
+        if !chunk.is_empty() {
+            self.pending.push_front(chunk);
+        }
+    }
+
+    /// Indices of the lines still waiting to be written, in order.
+    pub fn pending_lines(&self) -> impl Iterator<Item = usize> + '_ {
+        self.pending.iter().flat_map(Clone::clone)
+    }
+
     /// Whether line `index` was stored.
     pub fn is_stored(&self, index: usize) -> bool {
         self.stored.get(index).copied().unwrap_or(false)
@@ -251,6 +279,129 @@ impl WritePlan {
     /// Whether no chunk is left to write.
     pub fn is_done(&self) -> bool {
         self.pending.is_empty()
+    }
+}
+
+/// A handle to one entry of a [`WaitQueue`], for removing it in O(1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    slot: usize,
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct Slot<T> {
+    generation: u64,
+    value: Option<T>,
+}
+
+/// A first-in, first-out queue whose entries can also be removed from anywhere in O(1)
+/// (requests waiting for room in a batch leave it when they go away).
+///
+/// Removed entries leave a stale ticket behind in the order, skipped when popped; the order is
+/// compacted once stale tickets outnumber live ones, so its size stays within twice the live
+/// entries (plus a constant) and every operation is O(1) amortized.
+#[derive(Debug)]
+pub struct WaitQueue<T> {
+    slots: Vec<Slot<T>>,
+    free: Vec<usize>,
+    order: VecDeque<Ticket>,
+    len: usize,
+    next_generation: u64,
+}
+
+impl<T> Default for WaitQueue<T> {
+    fn default() -> Self {
+        WaitQueue {
+            slots: Vec::new(),
+            free: Vec::new(),
+            order: VecDeque::new(),
+            len: 0,
+            next_generation: 0,
+        }
+    }
+}
+
+impl<T> WaitQueue<T> {
+    /// An empty queue.
+    pub fn new() -> Self {
+        WaitQueue::default()
+    }
+
+    /// Number of entries waiting.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn insert(&mut self, value: T) -> Ticket {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Slot {
+                    generation,
+                    value: Some(value),
+                };
+                slot
+            }
+            None => {
+                self.slots.push(Slot {
+                    generation,
+                    value: Some(value),
+                });
+                self.slots.len() - 1
+            }
+        };
+        self.len += 1;
+        Ticket { slot, generation }
+    }
+
+    /// Adds `value` at the back (it waits longest).
+    pub fn push_back(&mut self, value: T) -> Ticket {
+        let ticket = self.insert(value);
+        self.order.push_back(ticket);
+        ticket
+    }
+
+    /// Adds `value` at the front (it is next), for an entry that was taken out and must wait
+    /// again without losing its place.
+    pub fn push_front(&mut self, value: T) -> Ticket {
+        let ticket = self.insert(value);
+        self.order.push_front(ticket);
+        ticket
+    }
+
+    /// Removes the entry of `ticket`, if it is still waiting.
+    pub fn remove(&mut self, ticket: Ticket) -> Option<T> {
+        let slot = self.slots.get_mut(ticket.slot)?;
+        if slot.generation != ticket.generation {
+            return None;
+        }
+        let value = slot.value.take()?;
+        self.free.push(ticket.slot);
+        self.len -= 1;
+        if self.order.len() > 2 * self.len + 16 {
+            let slots = &self.slots;
+            self.order.retain(|t| {
+                slots[t.slot].generation == t.generation && slots[t.slot].value.is_some()
+            });
+        }
+        Some(value)
+    }
+
+    /// Takes the entry that waited longest.
+    pub fn pop_front(&mut self) -> Option<T> {
+        while let Some(ticket) = self.order.pop_front() {
+            if let Some(value) = self.remove(ticket) {
+                return Some(value);
+            }
+        }
+        None
     }
 }
 
@@ -377,22 +528,92 @@ mod tests {
     }
 
     #[test]
-    fn sink_statuses_map_to_outcomes() {
-        for (ok, status, outcome) in [
-            (true, 204, ChunkOutcome::Stored),
-            (true, 200, ChunkOutcome::Stored),
-            (false, 204, ChunkOutcome::Failed),
-            (true, 413, ChunkOutcome::TooLarge),
-            (true, 400, ChunkOutcome::Failed),
-            (true, 429, ChunkOutcome::Failed),
-            (true, 500, ChunkOutcome::Failed),
-            (false, 0, ChunkOutcome::Failed),
+    fn the_status_line_decides_the_outcome() {
+        for (status, outcome) in [
+            (204, ChunkOutcome::Stored),
+            (200, ChunkOutcome::Stored),
+            (413, ChunkOutcome::TooLarge),
+            (400, ChunkOutcome::Failed),
+            (429, ChunkOutcome::Failed),
+            (500, ChunkOutcome::Failed),
+            (502, ChunkOutcome::Failed),
+            (0, ChunkOutcome::Failed),
         ] {
-            assert_eq!(
-                ChunkOutcome::from_status(ok, status),
-                outcome,
-                "{ok} {status}"
-            );
+            assert_eq!(ChunkOutcome::from_status(status), outcome, "{status}");
         }
+    }
+
+    #[test]
+    fn a_chunk_without_an_answer_is_written_again() {
+        let mut plan = WritePlan::new(4);
+        let chunk = plan.next_chunk().unwrap();
+        plan.record(chunk, ChunkOutcome::TooLarge);
+        let first = plan.next_chunk().unwrap();
+        assert_eq!(first, 0..2);
+        plan.retry(first);
+        assert_eq!(plan.pending_lines().collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(
+            plan.next_chunk(),
+            Some(0..2),
+            "the retried chunk goes first"
+        );
+        assert!(!plan.is_done());
+    }
+
+    #[test]
+    fn lines_move_between_batches_whole() {
+        let mut carried = LineBatch::new();
+        carried.push(b"a\n");
+        carried.push(b"bb\n");
+        let mut batch = LineBatch::new();
+        batch.push(b"x\n");
+        batch.append(&mut carried);
+        assert!(carried.is_empty() && carried.byte_len() == 0);
+        assert_eq!(batch.len(), 3);
+        assert_eq!(batch.line(2), b"bb\n");
+        assert_eq!(batch.chunk(&(0..3)), b"x\na\nbb\n");
+        assert_eq!(batch.line(3), b"");
+    }
+
+    #[test]
+    fn the_wait_queue_is_fifo_and_removes_anywhere() {
+        let mut queue = WaitQueue::new();
+        let tickets: Vec<Ticket> = (0..5).map(|i| queue.push_back(i)).collect();
+        assert_eq!(queue.remove(tickets[2]), Some(2));
+        assert_eq!(queue.remove(tickets[2]), None, "removed once");
+        assert_eq!(queue.pop_front(), Some(0));
+        assert_eq!(queue.remove(tickets[0]), None, "a popped ticket is stale");
+        queue.push_front(9);
+        assert_eq!(queue.len(), 4);
+        let rest: Vec<i32> = std::iter::from_fn(|| queue.pop_front()).collect();
+        assert_eq!(rest, [9, 1, 3, 4]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_reused_slot_does_not_answer_to_an_old_ticket() {
+        let mut queue = WaitQueue::new();
+        let old = queue.push_back("old");
+        assert_eq!(queue.pop_front(), Some("old"));
+        let new = queue.push_back("new");
+        assert_eq!(queue.remove(old), None);
+        assert_eq!(queue.remove(new), Some("new"));
+    }
+
+    #[test]
+    fn removing_many_waiting_entries_keeps_the_order_small() {
+        let mut queue = WaitQueue::new();
+        let tickets: Vec<Ticket> = (0..10_000).map(|i| queue.push_back(i)).collect();
+        for ticket in &tickets[..9_990] {
+            assert!(queue.remove(*ticket).is_some());
+        }
+        assert_eq!(queue.len(), 10);
+        assert!(
+            queue.order.len() <= 2 * queue.len() + 16,
+            "{}",
+            queue.order.len()
+        );
+        let rest: Vec<i32> = std::iter::from_fn(|| queue.pop_front()).collect();
+        assert_eq!(rest, (9_990..10_000).collect::<Vec<_>>());
     }
 }

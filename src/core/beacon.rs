@@ -627,7 +627,7 @@ fn ascii_lowercase(s: Cow<'_, str>) -> Cow<'_, str> {
 }
 
 /// Trims ASCII whitespace, lowercases, drops one trailing dot and checks the charset.
-fn normalize_domain(domain: Cow<'_, str>) -> Option<Cow<'_, str>> {
+pub fn normalize_domain(domain: Cow<'_, str>) -> Option<Cow<'_, str>> {
     // The byte range that is kept: whitespace around and one trailing dot left out.
     let kept = |s: &str| {
         let start = s.len() - s.trim_ascii_start().len();

@@ -7,24 +7,64 @@
 use super::beacon::Beacon;
 use super::policy::Measurements;
 
+/// Where a beacon's `sess_id` goes in its point (`analytics_session`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SessionStorage {
+    /// A string field `sess`: no new series per visit (the default).
+    #[default]
+    Field,
+    /// A tag `sess`: every visit opens new series (the original schema).
+    Tag,
+    /// Not stored and never sent to the sink (still accepted and validated).
+    Off,
+}
+
+impl SessionStorage {
+    /// Every setting, in directive order (for tests).
+    pub const ALL: [SessionStorage; 3] = [
+        SessionStorage::Field,
+        SessionStorage::Tag,
+        SessionStorage::Off,
+    ];
+
+    /// Parses the argument of `analytics_session`.
+    pub fn parse(arg: &str) -> Option<SessionStorage> {
+        match arg {
+            "field" => Some(SessionStorage::Field),
+            "tag" => Some(SessionStorage::Tag),
+            "off" => Some(SessionStorage::Off),
+            _ => None,
+        }
+    }
+}
+
 /// Control characters removed from everything written to InfluxDB or logs: C0, DEL, C1 and the
 /// Unicode line and paragraph separators.
 pub(crate) fn is_control(c: char) -> bool {
     c.is_control() || c == '\u{2028}' || c == '\u{2029}'
 }
 
-/// Appends one point for `beacon`, terminated by `\n`, to `out`.
+/// Appends one point for `beacon`, terminated by `\n`, to `out`; its `sess_id` becomes the tag
+/// or the string field `sess`, or nothing, as `session` says (never both).
 ///
-/// Absent tags, and tags that are empty after sanitizing, are left out; non-finite floats (which
+/// Absent tags, and tags that are empty after sanitizing, are left out; so is a `sess` field
+/// that is empty after sanitizing. Non-finite floats (which
 /// [`parse_beacon`](super::beacon::parse_beacon) never produces) are left out as well.
 pub fn encode_point(
     beacon: &Beacon,
     measurements: &Measurements,
+    session: SessionStorage,
     timestamp_ns: u64,
     out: &mut Vec<u8>,
 ) {
     let common = beacon.common();
     let timezone = common.timezone.map(|tz| tz.to_string());
+    let sess = common.sess_id.as_deref();
+    let (sess_tag, sess_field) = match session {
+        SessionStorage::Tag => (sess, None),
+        SessionStorage::Field => (None, sess),
+        SessionStorage::Off => (None, None),
+    };
     match beacon {
         Beacon::Event(event) => {
             write_measurement(out, &measurements.event);
@@ -35,13 +75,14 @@ pub fn encode_point(
                     ("event", Some(&event.name)),
                     ("page", Some(&common.page)),
                     ("platform", common.platform.as_deref()),
-                    ("sess", common.sess_id.as_deref()),
+                    ("sess", sess_tag),
                     ("timezone", timezone.as_deref()),
                     ("type", Some("event")),
                 ],
             );
             out.extend_from_slice(b" counter=1i,note=");
             write_string_field(out, &event.note);
+            write_sess_field(out, sess_field);
             write_float_field(out, "value", event.value);
         }
         Beacon::PageView(view) => {
@@ -53,7 +94,7 @@ pub fn encode_point(
                     ("page", Some(&common.page)),
                     ("platform", common.platform.as_deref()),
                     ("referrer", view.referrer_host.as_deref()),
-                    ("sess", common.sess_id.as_deref()),
+                    ("sess", sess_tag),
                     ("timezone", timezone.as_deref()),
                     ("type", Some("pageview")),
                 ],
@@ -65,6 +106,7 @@ pub fn encode_point(
                 out.extend_from_slice(pages.to_string().as_bytes());
                 out.push(b'i');
             }
+            write_sess_field(out, sess_field);
         }
     }
     out.push(b' ');
@@ -95,6 +137,15 @@ fn write_tags(out: &mut Vec<u8>, tags: &[(&str, Option<&str>)]) {
         out.push(b'=');
         escape_tag_value(out, &value);
     }
+}
+
+/// Writes `,sess="<value>"` unless `value` is absent or empty after sanitizing.
+fn write_sess_field(out: &mut Vec<u8>, value: Option<&str>) {
+    let Some(value) = value.map(sanitize_string_field).filter(|v| !v.is_empty()) else {
+        return;
+    };
+    out.extend_from_slice(b",sess=");
+    quote_string_field(out, &value);
 }
 
 /// Writes `,key=<float>` unless `value` is absent or not finite; `-0` is written as `0`.
@@ -160,8 +211,13 @@ pub fn sanitize_string_field(value: &str) -> String {
 /// Appends `value` as a quoted string field value: sanitized like [`sanitize_string_field`],
 /// then `\` and `"` escaped with a backslash.
 pub fn write_string_field(out: &mut Vec<u8>, value: &str) {
+    quote_string_field(out, &sanitize_string_field(value));
+}
+
+/// Appends an already sanitized string field value in quotes, `\` and `"` escaped.
+fn quote_string_field(out: &mut Vec<u8>, sanitized: &str) {
     out.push(b'"');
-    for b in sanitize_string_field(value).bytes() {
+    for b in sanitized.bytes() {
         if matches!(b, b'\\' | b'"') {
             out.push(b'\\');
         }
@@ -177,9 +233,14 @@ mod tests {
 
     const TS: u64 = 1_700_000_000_000_000_000;
 
+    /// The line for `beacon` with the default `analytics_session field`.
     fn encode(beacon: &Beacon) -> String {
+        encode_with(beacon, SessionStorage::default())
+    }
+
+    fn encode_with(beacon: &Beacon, session: SessionStorage) -> String {
         let mut out = Vec::new();
-        encode_point(beacon, &Measurements::default(), TS, &mut out);
+        encode_point(beacon, &Measurements::default(), session, TS, &mut out);
         String::from_utf8(out).unwrap()
     }
 
@@ -228,8 +289,9 @@ mod tests {
         assert_eq!(
             encode_body(body),
             "pf_analytics_event,domain=www.example.com,event=socialclick,\
-             page=/posts/blog/general/share-buttons.html,platform=Linux\\ x86_64,sess=07ab-8022,\
-             timezone=-60,type=event counter=1i,note=\"mastodon\" 1700000000000000000\n"
+             page=/posts/blog/general/share-buttons.html,platform=Linux\\ x86_64,\
+             timezone=-60,type=event counter=1i,note=\"mastodon\",sess=\"07ab-8022\" \
+             1700000000000000000\n"
         );
     }
 
@@ -243,8 +305,8 @@ mod tests {
         assert_eq!(
             encode_body(body),
             "pf_analytics,domain=www.example.com,page=/posts/hello.html,platform=Win32,\
-             referrer=news.example.org,sess=5e5e-0001,timezone=330,type=pageview \
-             counter=1i,load_time=812.5,pages_viewed=3i 1700000000000000000\n"
+             referrer=news.example.org,timezone=330,type=pageview \
+             counter=1i,load_time=812.5,pages_viewed=3i,sess=\"5e5e-0001\" 1700000000000000000\n"
         );
     }
 
@@ -274,11 +336,12 @@ mod tests {
             line,
             "pf_analytics_event,domain=www.example.com,event=socialclick,\
              page=/x\\ y\\,z\\=1pf_analytics_event\\,domain\\=evil\\ counter\\=100i,\
-             platform=Linux,sess=a\\=b\\ c,type=event \
-             counter=1i,note=\"say \\\"hi\\\" \\\\ then\nnew line\" 1700000000000000000\n"
+             platform=Linux,type=event \
+             counter=1i,note=\"say \\\"hi\\\" \\\\ then\nnew line\",sess=\"a=b c\" \
+             1700000000000000000\n"
         );
         let point = parse_line(line.as_bytes()).unwrap();
-        assert_eq!(point.tags.len(), 6);
+        assert_eq!(point.tags.len(), 5);
         assert_eq!(
             point
                 .tags
@@ -294,6 +357,110 @@ mod tests {
                 Field::Str("say \"hi\" \\ then\nnew line".into())
             )
         );
+        assert_eq!(point.fields[2], ("sess".into(), Field::Str("a=b c".into())));
+    }
+
+    #[test]
+    fn the_session_is_a_field_a_tag_or_nothing() {
+        let event = concat!(
+            r#"{"domain":"a.com","page":"/","sess_id":"07ab-8022","event":"e","note":"n","#,
+            r#""value":2}"#
+        );
+        let view = r#"{"domain":"a.com","page":"/","sess_id":"07ab-8022","pages_viewed":3}"#;
+        for (body, session, expected) in [
+            (
+                event,
+                SessionStorage::Field,
+                r#"pf_analytics_event,domain=a.com,event=e,page=/,type=event counter=1i,note="n",sess="07ab-8022",value=2"#,
+            ),
+            (
+                event,
+                SessionStorage::Tag,
+                r#"pf_analytics_event,domain=a.com,event=e,page=/,sess=07ab-8022,type=event counter=1i,note="n",value=2"#,
+            ),
+            (
+                event,
+                SessionStorage::Off,
+                r#"pf_analytics_event,domain=a.com,event=e,page=/,type=event counter=1i,note="n",value=2"#,
+            ),
+            (
+                view,
+                SessionStorage::Field,
+                r#"pf_analytics,domain=a.com,page=/,type=pageview counter=1i,pages_viewed=3i,sess="07ab-8022""#,
+            ),
+            (
+                view,
+                SessionStorage::Tag,
+                r#"pf_analytics,domain=a.com,page=/,sess=07ab-8022,type=pageview counter=1i,pages_viewed=3i"#,
+            ),
+            (
+                view,
+                SessionStorage::Off,
+                r#"pf_analytics,domain=a.com,page=/,type=pageview counter=1i,pages_viewed=3i"#,
+            ),
+        ] {
+            let beacon = parse_beacon(body.as_bytes()).unwrap();
+            assert_eq!(
+                encode_with(&beacon, session),
+                format!("{expected} {TS}\n"),
+                "{session:?}: {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_session_id_no_setting_writes_sess() {
+        for body in [
+            r#"{"domain":"a.com","page":"/"}"#,
+            r#"{"domain":"a.com","page":"/","sess_id":""}"#,
+            r#"{"domain":"a.com","page":"/","sess_id":null,"event":"e"}"#,
+        ] {
+            let beacon = parse_beacon(body.as_bytes()).unwrap();
+            for session in SessionStorage::ALL {
+                let line = encode_with(&beacon, session);
+                assert!(!line.contains("sess"), "{session:?}: {body}: {line}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_session_field_is_escaped_like_a_string_field() {
+        for (sess_id, field) in [
+            ("a b,c=d", r#",sess="a b,c=d""#),
+            ("say \"hi\"", r#",sess="say \"hi\"""#),
+            ("ends\\", r#",sess="ends\\""#),
+            ("tab\there", ",sess=\"tab\there\""),
+            ("a\r\u{0}\u{2028}b", r#",sess="ab""#),
+            // Empty after sanitizing: left out, as an empty tag would be.
+            ("\r\u{0}\u{85}", ""),
+        ] {
+            let beacon = Beacon::PageView(PageView {
+                common: Common {
+                    sess_id: Some(sess_id.into()),
+                    ..common()
+                },
+                ..page_view()
+            });
+            assert_eq!(
+                encode(&beacon),
+                format!(
+                    "pf_analytics,domain=example.com,page=/,type=pageview counter=1i{field} {TS}\n"
+                ),
+                "{sess_id:?}"
+            );
+            let point = parse_line(encode(&beacon).as_bytes()).unwrap();
+            let stored = point
+                .fields
+                .iter()
+                .find(|(k, _)| k == "sess")
+                .map(|(_, v)| v);
+            let expected = sanitize_string_field(sess_id);
+            assert_eq!(
+                stored,
+                (!expected.is_empty()).then_some(&Field::Str(expected)),
+                "{sess_id:?}"
+            );
+        }
     }
 
     #[test]
@@ -419,7 +586,7 @@ mod tests {
             ..page_view()
         });
         assert_eq!(
-            encode(&beacon),
+            encode_with(&beacon, SessionStorage::Tag),
             format!(
                 "pf_analytics,domain=example.com,page=/,timezone=0,type=pageview counter=1i {TS}\n"
             )
@@ -440,7 +607,7 @@ mod tests {
                 event: "ev".into(),
             };
             let mut out = Vec::new();
-            encode_point(&view, &measurements, 1, &mut out);
+            encode_point(&view, &measurements, SessionStorage::Field, 1, &mut out);
             let line = String::from_utf8(out).unwrap();
             assert!(line.starts_with(expected), "{page_view:?}: {line}");
         }
@@ -452,6 +619,7 @@ mod tests {
         encode_point(
             &Beacon::PageView(page_view()),
             &Measurements::default(),
+            SessionStorage::Field,
             7,
             &mut out,
         );
@@ -683,8 +851,9 @@ mod tests {
                 })
             };
             let ts = rng.next();
+            let session = SessionStorage::ALL[round % 3];
             let mut out = Vec::new();
-            encode_point(&beacon, &Measurements::default(), ts, &mut out);
+            encode_point(&beacon, &Measurements::default(), session, ts, &mut out);
             let shown = String::from_utf8_lossy(&out).into_owned();
 
             assert_eq!(influx_line_end(&out), out.len() - 1, "{shown:?}");
@@ -694,6 +863,10 @@ mod tests {
 
             let c = beacon.common();
             let tz = c.timezone.map(|t| t.to_string());
+            let sess_tag = c
+                .sess_id
+                .as_deref()
+                .filter(|_| session == SessionStorage::Tag);
             let (measurement, expected_tags, note) = match &beacon {
                 Beacon::Event(e) => (
                     "pf_analytics_event",
@@ -702,7 +875,7 @@ mod tests {
                         ("event", Some(&*e.name)),
                         ("page", Some(&*c.page)),
                         ("platform", c.platform.as_deref()),
-                        ("sess", c.sess_id.as_deref()),
+                        ("sess", sess_tag),
                         ("timezone", tz.as_deref()),
                         ("type", Some("event")),
                     ],
@@ -715,7 +888,7 @@ mod tests {
                         ("page", Some(&*c.page)),
                         ("platform", c.platform.as_deref()),
                         ("referrer", v.referrer_host.as_deref()),
-                        ("sess", c.sess_id.as_deref()),
+                        ("sess", sess_tag),
                         ("timezone", tz.as_deref()),
                         ("type", Some("pageview")),
                     ],
@@ -737,9 +910,21 @@ mod tests {
                 let expected = Field::Str(sanitize_string_field(note));
                 assert_eq!(point.fields[1], ("note".into(), expected), "{shown:?}");
             }
+            let sess_field = point.fields.iter().find(|(k, _)| k == "sess");
+            let expected_sess = c
+                .sess_id
+                .as_deref()
+                .filter(|_| session == SessionStorage::Field)
+                .map(sanitize_string_field)
+                .filter(|v| !v.is_empty());
+            assert_eq!(
+                sess_field.map(|(_, v)| v),
+                expected_sess.map(Field::Str).as_ref(),
+                "{session:?}: {shown:?}"
+            );
             for (key, value) in &point.fields {
                 match (key.as_str(), value) {
-                    ("note", Field::Str(_)) => {}
+                    ("note" | "sess", Field::Str(_)) => {}
                     ("counter" | "pages_viewed", Field::Other(v)) => {
                         assert!(
                             v.ends_with('i') && v[..v.len() - 1].parse::<u64>().is_ok(),

@@ -1,5 +1,5 @@
 //! The nginx-free core of the module: beacon schema and validation, the 422-class policy checks,
-//! InfluxDB line-protocol encoding and unique timestamps.
+//! InfluxDB line-protocol encoding, unique timestamps and the dashboard page's assembly.
 //!
 //! Nothing in here touches nginx types or uses `unsafe`, and no function panics on any input, so
 //! all of it is tested with plain `cargo test`.
@@ -9,8 +9,11 @@
 pub mod batch;
 pub mod beacon;
 pub mod bots;
+pub mod dashboard;
 pub mod line_protocol;
+pub mod metrics;
 pub mod policy;
+pub mod report;
 #[cfg(test)]
 mod roundtrip_tests;
 pub mod timestamp;
@@ -18,6 +21,7 @@ pub mod timestamp;
 pub use beacon::{parse_beacon, referrer_host, Beacon, BeaconError, Common, Event, PageView};
 pub use line_protocol::{
     encode_point, sanitize_string_field, sanitize_tag_value, write_string_field, write_tag_value,
+    SessionStorage,
 };
 pub use policy::{
     check_policy, host_without_port, parse_event_names, push_event_names, sanitize_snippet,

@@ -32,7 +32,9 @@
 use influxdb_line_protocol::{parse_lines, split_lines, FieldValue};
 
 use crate::core::beacon::{parse_beacon, Beacon};
-use crate::core::line_protocol::{encode_point, sanitize_string_field, sanitize_tag_value};
+use crate::core::line_protocol::{
+    encode_point, sanitize_string_field, sanitize_tag_value, SessionStorage,
+};
 use crate::core::policy::{check_policy, Measurements};
 
 /// Timestamp used for every encoded point (any value in `0..=i64::MAX` works).
@@ -56,10 +58,26 @@ pub type ExpectedPoint = (
     Vec<(&'static str, Expected)>,
 );
 
-/// The point `beacon` must become.
-pub fn expected_point(beacon: &Beacon, measurements: &Measurements) -> ExpectedPoint {
+/// The point `beacon` must become with `analytics_session session`.
+pub fn expected_point(
+    beacon: &Beacon,
+    measurements: &Measurements,
+    session: SessionStorage,
+) -> ExpectedPoint {
     let common = beacon.common();
     let timezone = common.timezone.map(|tz| tz.to_string());
+    let sess_tag = common
+        .sess_id
+        .as_deref()
+        .filter(|_| session == SessionStorage::Tag);
+    // A `sess` field holds the string field InfluxDB stores; left out when that is empty.
+    let sess_field = common
+        .sess_id
+        .as_deref()
+        .filter(|_| session == SessionStorage::Field)
+        .map(sanitize_string_field)
+        .filter(|v| !v.is_empty())
+        .map(|v| ("sess", Expected::Str(v)));
     let (measurement, tags, fields) = match beacon {
         Beacon::Event(event) => {
             let tags: Vec<(&'static str, Option<&str>)> = vec![
@@ -67,7 +85,7 @@ pub fn expected_point(beacon: &Beacon, measurements: &Measurements) -> ExpectedP
                 ("event", Some(&event.name)),
                 ("page", Some(&common.page)),
                 ("platform", common.platform.as_deref()),
-                ("sess", common.sess_id.as_deref()),
+                ("sess", sess_tag),
                 ("timezone", timezone.as_deref()),
                 ("type", Some("event")),
             ];
@@ -75,6 +93,7 @@ pub fn expected_point(beacon: &Beacon, measurements: &Measurements) -> ExpectedP
                 ("counter", Expected::Int(1)),
                 ("note", Expected::Str(sanitize_string_field(&event.note))),
             ];
+            fields.extend(sess_field);
             if let Some(value) = event.value {
                 fields.push(("value", Expected::Float(value)));
             }
@@ -86,7 +105,7 @@ pub fn expected_point(beacon: &Beacon, measurements: &Measurements) -> ExpectedP
                 ("page", Some(&common.page)),
                 ("platform", common.platform.as_deref()),
                 ("referrer", view.referrer_host.as_deref()),
-                ("sess", common.sess_id.as_deref()),
+                ("sess", sess_tag),
                 ("timezone", timezone.as_deref()),
                 ("type", Some("pageview")),
             ];
@@ -97,6 +116,7 @@ pub fn expected_point(beacon: &Beacon, measurements: &Measurements) -> ExpectedP
             if let Some(pages) = view.pages_viewed {
                 fields.push(("pages_viewed", Expected::Int(i64::from(pages))));
             }
+            fields.extend(sess_field);
             (&measurements.page_view, tags, fields)
         }
     };
@@ -199,7 +219,13 @@ pub fn influx16_tags(series: &str) -> Result<(String, Vec<(String, String)>), St
 
 /// Checks the encoded `line` of `beacon` (see the module docs); panics with a description on
 /// any difference.
-pub fn check_point(beacon: &Beacon, measurements: &Measurements, ts: u64, line: &[u8]) {
+pub fn check_point(
+    beacon: &Beacon,
+    measurements: &Measurements,
+    session: SessionStorage,
+    ts: u64,
+    line: &[u8],
+) {
     let text = std::str::from_utf8(line).expect("line protocol is valid UTF-8");
     assert!(text.ends_with('\n'), "point ends with a newline: {text:?}");
 
@@ -216,7 +242,7 @@ pub fn check_point(beacon: &Beacon, measurements: &Measurements, ts: u64, line: 
         Err(err) => panic!("the crate cannot parse {text:?}: {err}"),
     };
 
-    let (measurement, tags, fields) = expected_point(beacon, measurements);
+    let (measurement, tags, fields) = expected_point(beacon, measurements, session);
     assert_eq!(
         point.series.measurement.as_str(),
         measurement,
@@ -271,9 +297,14 @@ pub fn check_point(beacon: &Beacon, measurements: &Measurements, ts: u64, line: 
     );
 }
 
-/// The whole property for one body: never panics on any input; an accepted beacon round-trips.
+/// The whole property for one body: never panics on any input; an accepted beacon round-trips
+/// with `analytics_session session`, and with `off` no byte of its session id is in the line.
 /// Returns the beacon when it was accepted (for callers that compare it with what they sent).
-pub fn check_body<'a>(body: &'a [u8], measurements: &Measurements) -> Option<Beacon<'a>> {
+pub fn check_body<'a>(
+    body: &'a [u8],
+    measurements: &Measurements,
+    session: SessionStorage,
+) -> Option<Beacon<'a>> {
     let beacon = match parse_beacon(body) {
         Ok(beacon) => beacon,
         Err(err) => {
@@ -295,8 +326,21 @@ pub fn check_body<'a>(body: &'a [u8], measurements: &Measurements) -> Option<Bea
     assert!(check_policy(&beacon, &permitted, None, "other.invalid").is_err());
 
     let mut line = Vec::new();
-    encode_point(&beacon, measurements, TS, &mut line);
-    check_point(&beacon, measurements, TS, &line);
+    encode_point(&beacon, measurements, session, TS, &mut line);
+    check_point(&beacon, measurements, session, TS, &line);
+    if session == SessionStorage::Off {
+        let mut without = beacon.clone();
+        match &mut without {
+            Beacon::Event(event) => event.common.sess_id = None,
+            Beacon::PageView(view) => view.common.sess_id = None,
+        }
+        let mut line_without = Vec::new();
+        encode_point(&without, measurements, session, TS, &mut line_without);
+        assert_eq!(
+            line, line_without,
+            "with `off` the line does not depend on the session id"
+        );
+    }
     Some(beacon)
 }
 
@@ -695,6 +739,10 @@ mod props {
         ]
     }
 
+    fn session() -> impl Strategy<Value = SessionStorage> {
+        prop::sample::select(SessionStorage::ALL.to_vec())
+    }
+
     /// What the accepted beacon must hold, computed from what was sent.
     fn check_against_sent(sent: &Sent, beacon: &Beacon) -> Result<(), TestCaseError> {
         let common = beacon.common();
@@ -783,18 +831,21 @@ mod props {
         let events = std::cell::Cell::new(0u32);
         let total = std::cell::Cell::new(0u32);
         runner
-            .run(&(sent(), measurements()), |(sent, measurements)| {
-                total.set(total.get() + 1);
-                let body = sent.body();
-                if let Some(beacon) = check_body(body.as_bytes(), &measurements) {
-                    accepted.set(accepted.get() + 1);
-                    if beacon.event_name().is_some() {
-                        events.set(events.get() + 1);
+            .run(
+                &(sent(), measurements(), session()),
+                |(sent, measurements, session)| {
+                    total.set(total.get() + 1);
+                    let body = sent.body();
+                    if let Some(beacon) = check_body(body.as_bytes(), &measurements, session) {
+                        accepted.set(accepted.get() + 1);
+                        if beacon.event_name().is_some() {
+                            events.set(events.get() + 1);
+                        }
+                        check_against_sent(&sent, &beacon)?;
                     }
-                    check_against_sent(&sent, &beacon)?;
-                }
-                Ok(())
-            })
+                    Ok(())
+                },
+            )
             .unwrap();
         // Not vacuous: a good share of the generated beacons is accepted, of both kinds.
         let (accepted, events, total) = (accepted.get(), events.get(), total.get());
@@ -807,10 +858,13 @@ mod props {
     fn arbitrary_bytes_never_panic_and_round_trip_when_accepted() {
         let mut runner = TestRunner::new(config(3000));
         runner
-            .run(&prop::collection::vec(any::<u8>(), 0..400), |bytes| {
-                check_body(&bytes, &Measurements::default());
-                Ok(())
-            })
+            .run(
+                &(prop::collection::vec(any::<u8>(), 0..400), session()),
+                |(bytes, session)| {
+                    check_body(&bytes, &Measurements::default(), session);
+                    Ok(())
+                },
+            )
             .unwrap();
     }
 
@@ -820,7 +874,7 @@ mod props {
             prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..6);
         let mut runner = TestRunner::new(config(1000));
         runner
-            .run(&(sent(), edits), |(sent, edits)| {
+            .run(&(sent(), edits, session()), |(sent, edits, session)| {
                 let mut body = sent.body().into_bytes();
                 for (at, byte, op) in edits {
                     let i = at.index(body.len() + 1);
@@ -833,7 +887,7 @@ mod props {
                         _ => {}
                     }
                 }
-                check_body(&body, &Measurements::default());
+                check_body(&body, &Measurements::default(), session);
                 Ok(())
             })
             .unwrap();

@@ -44,7 +44,7 @@ fn influxd_binary() -> PathBuf {
     bin
 }
 
-fn config(dir: &Path, rpc_port: u16, http_port: u16) -> String {
+fn config(dir: &Path, rpc_port: u16, http_port: u16, data_settings: &str) -> String {
     let d = dir.display();
     format!(
         r#"reporting-disabled = true
@@ -62,6 +62,7 @@ bind-address = "127.0.0.1:{rpc_port}"
   index-version = "inmem"
   query-log-enabled = false
   trace-logging-enabled = false
+{data_settings}
 
 [coordinator]
   log-queries-after = "0s"
@@ -119,11 +120,17 @@ impl Influx {
     /// Starts `influxd` and waits (≤ 30 s) until `GET /ping` answers 204. Panics with the
     /// server's log if it is missing, exits, or does not come up.
     pub fn start() -> Influx {
+        Influx::start_with("")
+    }
+
+    /// [`Influx::start`] with extra lines for the `[data]` section of its configuration, e.g.
+    /// `max-values-per-tag = 1000`.
+    pub fn start_with(data_settings: &str) -> Influx {
         let bin = influxd_binary();
         let deadline = Instant::now() + START_TIMEOUT;
         let mut attempt = 1;
         loop {
-            match Influx::try_start(&bin, deadline) {
+            match Influx::try_start(&bin, deadline, data_settings) {
                 Ok(influx) => return influx,
                 // A port was taken between free_port() and influxd binding it: retry.
                 Err(e) if attempt < 3 && e.contains("address already in use") => attempt += 1,
@@ -132,7 +139,7 @@ impl Influx {
         }
     }
 
-    fn try_start(bin: &Path, deadline: Instant) -> Result<Influx, String> {
+    fn try_start(bin: &Path, deadline: Instant, data_settings: &str) -> Result<Influx, String> {
         let dir = TestDir::new("influx");
         let log_path = dir.path().join("influxd.log");
         let conf_path = dir.path().join("influxdb.conf");
@@ -141,8 +148,11 @@ impl Influx {
         while http_port == rpc_port {
             http_port = free_port();
         }
-        fs::write(&conf_path, config(dir.path(), rpc_port, http_port))
-            .expect("writing influxdb.conf");
+        fs::write(
+            &conf_path,
+            config(dir.path(), rpc_port, http_port, data_settings),
+        )
+        .expect("writing influxdb.conf");
         let log = File::create(&log_path).expect("creating influxd.log");
         let log2 = log.try_clone().expect("dup influxd.log");
         let child = Command::new(bin)

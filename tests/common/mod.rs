@@ -165,3 +165,60 @@ pub fn write_location(target: &str, read_timeout: &str) -> String {
     }}"#
     )
 }
+
+/// The internal location reports query through, set up as in nginx-conf/nginx.conf: InfluxDB's
+/// `/query` at `target` (URL with path and query), the statement sent as a form body.
+pub fn query_location(target: &str) -> String {
+    format!(
+        r#"    location = /_analytics/query {{
+        internal;
+        proxy_pass {target};
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_pass_request_headers off;
+        proxy_set_header Content-Type application/x-www-form-urlencoded;
+        proxy_connect_timeout 2s;
+        proxy_read_timeout 10s;
+    }}"#
+    )
+}
+
+/// The test runner of the test targets built with `harness = false` (those that compile the
+/// nginx-free core from its sources, since the module's library cannot be linked without
+/// nginx): runs the tests whose names contain a command-line filter (all without one), each
+/// catching its panic, and prints libtest's summary line; exits 1 when one failed.
+pub fn run_tests(tests: &[(&str, fn())]) {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    println!("\nrunning {} tests", selected.len());
+    let (mut passed, mut failed) = (0, Vec::new());
+    for (name, test) in &selected {
+        let outcome = std::panic::catch_unwind(test);
+        println!(
+            "test {name} ... {}",
+            if outcome.is_ok() { "ok" } else { "FAILED" }
+        );
+        match outcome {
+            Ok(()) => passed += 1,
+            Err(_) => failed.push(*name),
+        }
+    }
+    if !failed.is_empty() {
+        println!("\nfailures:\n    {}", failed.join("\n    "));
+    }
+    println!(
+        "\ntest result: {}. {passed} passed; {} failed; 0 ignored; 0 measured; {} filtered out\n",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        failed.len(),
+        tests.len() - selected.len()
+    );
+    if !failed.is_empty() {
+        std::process::exit(1);
+    }
+}

@@ -39,6 +39,15 @@ impl Point {
         self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
+    /// The session: the string field `sess` (`analytics_session field`, the default) or the tag
+    /// `sess` (`analytics_session tag`).
+    pub fn sess(&self) -> Option<&str> {
+        match self.field("sess") {
+            Some(FieldValue::Str(sess)) => Some(sess),
+            _ => self.tag("sess"),
+        }
+    }
+
     /// Parses one line (without its newline). Errors on anything InfluxDB 1.6 would refuse or
     /// read differently: an unescaped line break, a tag without value, a separator right after
     /// an escaping backslash, an unterminated string, a bad timestamp.

@@ -81,6 +81,8 @@ impl Shared {
 pub struct FakeSink {
     /// Set for sinks that receive arbitrary test traffic rather than the module's writes.
     skip_audit: std::sync::atomic::AtomicBool,
+    /// Session ids that must never reach this sink (see [`FakeSink::forbid_sessions`]).
+    forbidden_sessions: Mutex<Vec<String>>,
     addr: SocketAddr,
     shared: Arc<Shared>,
     accept_thread: Option<JoinHandle<()>>,
@@ -117,6 +119,7 @@ impl FakeSink {
         };
         FakeSink {
             skip_audit: std::sync::atomic::AtomicBool::new(false),
+            forbidden_sessions: Mutex::new(Vec::new()),
             addr,
             shared,
             accept_thread: Some(accept_thread),
@@ -128,6 +131,16 @@ impl FakeSink {
     /// rather than the module's writes).
     pub fn skip_privacy_audit(&self) {
         self.skip_audit.store(true, Ordering::SeqCst);
+    }
+
+    /// Adds session ids to the privacy audit at drop: for an endpoint with
+    /// `analytics_session off`, none of them may reach the sink in any form, and no point may
+    /// carry `sess` at all (see [`super::privacy::session_violations`]).
+    pub fn forbid_sessions<I: IntoIterator<Item = String>>(&self, sess_ids: I) {
+        self.forbidden_sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(sess_ids);
     }
 
     /// `127.0.0.1:<port>`.
@@ -157,7 +170,7 @@ impl FakeSink {
     }
 
     /// Forwarding mode: with `Some("127.0.0.1:<port>")`, each request (still recorded) is relayed
-    /// there with the same method, target and body, and answered with the upstream's status and
+    /// there with the same method, target, Content-Type and body, and answered with the upstream's status and
     /// body, unless a one-time reply queued with [`FakeSink::push_response`] is pending (that one
     /// is answered instead and nothing is relayed). An unreachable upstream is answered with 503.
     /// `None` turns forwarding off.
@@ -209,11 +222,23 @@ impl FakeSink {
 impl Drop for FakeSink {
     fn drop(&mut self) {
         if !std::thread::panicking() && !self.skip_audit.load(Ordering::SeqCst) {
-            let leaks: Vec<String> = self
-                .requests()
+            let forbidden = self
+                .forbidden_sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let requests = self.requests();
+            let mut leaks: Vec<String> = requests
                 .iter()
                 .flat_map(super::privacy::violations)
                 .collect();
+            if !forbidden.is_empty() {
+                leaks.extend(
+                    requests
+                        .iter()
+                        .flat_map(|r| super::privacy::session_violations(r, &forbidden)),
+                );
+            }
             assert!(
                 leaks.is_empty(),
                 "visitor data reached the sink: {leaks:#?}"
@@ -394,8 +419,10 @@ fn reason_phrase(status: u16) -> &'static str {
 fn render_response(reply: &Reply, close: bool) -> Vec<u8> {
     let status = reply.status;
     let mut out = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status));
-    // Like InfluxDB: no Content-Length (and no body) on 204/304/1xx.
-    let bodyless = status == 204 || status == 304 || (100..200).contains(&status);
+    // Like InfluxDB: no Content-Length (and no body) on 204/304/1xx; a body set for one of
+    // those is sent anyway, as a misbehaving proxy in front of the sink might.
+    let bodyless =
+        (status == 204 || status == 304 || (100..200).contains(&status)) && reply.body.is_empty();
     if !bodyless {
         out.push_str(&format!("Content-Length: {}\r\n", reply.body.len()));
         if !reply.body.is_empty() {
@@ -438,8 +465,13 @@ fn relay(addr: &str, req: &CapturedRequest) -> Reply {
             body: format!("{{\"error\":\"fake sink: cannot reach {addr}\"}}"),
         };
     };
+    let content_type = req
+        .header("content-type")
+        .map(|t| format!("Content-Type: {t}\r\n"))
+        .unwrap_or_default();
     let mut bytes = format!(
-        "{} {} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{} {} HTTP/1.1\r\nHost: {addr}\r\n{content_type}Content-Length: {}\r\n\
+         Connection: close\r\n\r\n",
         req.method,
         req.target,
         req.body.len()

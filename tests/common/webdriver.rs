@@ -322,6 +322,26 @@ impl Browser {
         );
     }
 
+    /// Sets the window's outer size in CSS pixels (in headless mode, the viewport's size).
+    pub fn set_window_size(&self, width: u32, height: u32) {
+        self.post("/window/rect", json!({ "width": width, "height": height }));
+    }
+
+    /// A PNG screenshot of the viewport.
+    pub fn screenshot_png(&self) -> Vec<u8> {
+        use base64::Engine;
+        let data = self.get("/screenshot");
+        base64::engine::general_purpose::STANDARD
+            .decode(data.as_str().expect("base64 screenshot data"))
+            .expect("the screenshot is base64")
+    }
+
+    /// Runs Chrome DevTools Protocol command `cmd` (chromedriver's `goog/cdp/execute`), e.g.
+    /// `Emulation.setEmulatedMedia`; its result.
+    pub fn cdp(&self, cmd: &str, params: Value) -> Value {
+        self.post("/goog/cdp/execute", json!({ "cmd": cmd, "params": params }))
+    }
+
     /// The browser log entries since the last call (chromedriver clears them when read).
     pub fn log(&self) -> Vec<LogEntry> {
         let path = self.session_path("/se/log");
