@@ -232,7 +232,8 @@ impl Site {
             "retention",
         ];
         for n in 0..400u64 {
-            let (a, b) = (rng.below(16) as usize, rng.below(16) as usize);
+            let a = rng.below(16) as usize;
+            let b = (a + 1 + rng.below(15) as usize) % 16; // another word
             pages.push(format!(
                 "/blog/{}/{}-and-{}-{n}",
                 2023 + n % 3,

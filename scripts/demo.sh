@@ -91,7 +91,7 @@ printf '  GET %-20s -> %s\n' "/analytics/ (no login)" "$(curl -s -o /dev/null -w
     "http://127.0.0.1:$nginx_port/analytics/")"
 printf '  GET %-20s -> %s\n' "/analytics/" "$(curl -s -o /dev/null -u "$demo_user:$demo_password" \
     -w '%{http_code} %{content_type}, %{size_download} bytes' "http://127.0.0.1:$nginx_port/analytics/")"
-summary="/analytics/report?report=summary&domain=$demo_domain&period=30d"
+summary="/analytics/report?report=summary&domain=$demo_domain&period=7d"
 printf '  GET %s\n    -> %s\n' "$summary" "$(curl -s -u "$demo_user:$demo_password" \
     -w ' (%{http_code})' "http://127.0.0.1:$nginx_port$summary")"
 
