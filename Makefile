@@ -1,7 +1,7 @@
 # Front door for building, testing and the demo (see README.md).
 CARGO ?= cargo
 
-.PHONY: deps build check test test-install deb demo bench bench-overload
+.PHONY: deps build check test test-install deb demo bench bench-overload bench-reports
 
 deps:
 	./scripts/install-deps.sh
@@ -42,3 +42,8 @@ bench: deps
 # this one and prints ratios current/baseline.
 bench-overload: deps
 	./bench/overload.sh
+
+# Reports: 1,000,000 synthetic page views over 30 days in a fresh InfluxDB; the latency of each
+# report and of a whole dashboard view (period=30d), first and repeated.
+bench-reports: deps
+	./bench/reports.sh

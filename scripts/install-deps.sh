@@ -9,6 +9,7 @@ packages=(
     libpcre2-dev libssl-dev zlib1g-dev  # nginx's own dependencies
     influxdb influxdb-client     # InfluxDB 1.x: the sink in end-to-end tests and the demo
     curl wrk                     # demo and benchmark clients
+    openssl                      # the demo login (openssl passwd -apr1)
     nghttp2-client               # h2load: HTTP/2 test client
     chromium chromium-driver     # browser tests of the agent (headless Chromium + chromedriver)
     nginx nginx-dev              # Debian's nginx and its source + flags: `make deb`, tests/install

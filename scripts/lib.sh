@@ -73,3 +73,22 @@ start_nginx() {
     echo "nginx did not start; see $prefix/logs/error.log" >&2
     return 1
 }
+
+# free_port: a loopback TCP port nothing uses now, below the ephemeral range (whose ports
+# outgoing connections take): a random one from 20000-32767 that refuses a connection and that
+# no socket has as its local port; pass ports already chosen to avoid them.
+free_port() {
+    local port taken
+    for _ in $(seq 1 200); do
+        port=$(( 20000 + RANDOM % 12768 ))
+        for taken in "$@"; do [ "$port" = "$taken" ] && continue 2; done
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && continue
+        if command -v ss >/dev/null && [ -n "$(ss -Htan "( sport = :$port )")" ]; then
+            continue
+        fi
+        echo "$port"
+        return 0
+    done
+    echo "no free loopback port found" >&2
+    return 1
+}
