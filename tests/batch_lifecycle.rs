@@ -241,6 +241,45 @@ server {{
     )
 }
 
+/// A runtime for the HTTP/2 client (the `h2` crate).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// An HTTP/2 connection (prior knowledge) to nginx on `port`, its connection task running.
+async fn h2_connect(port: u16) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client.ready().await.expect("h2 ready")
+}
+
+/// POSTs the beacon of page `/p/<id>` on a stream of its own; returns its response and its
+/// stream (to reset it).
+async fn h2_beacon(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    port: u16,
+    id: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    *client = client.clone().ready().await.expect("h2 ready");
+    let request = http::Request::post(format!("http://www.example.com:{port}/collect"))
+        .body(())
+        .expect("request");
+    let (response, mut stream) = client.send_request(request, false).expect("send");
+    let body = beacon("www.example.com", id);
+    stream
+        .send_data(bytes::Bytes::from(body), true)
+        .expect("body");
+    (response, stream)
+}
+
 /// How a leader's stream is reset in [`leader_reset`].
 #[derive(Clone, Copy, PartialEq)]
 enum ResetWhen {
@@ -262,35 +301,14 @@ fn leader_reset(when: ResetWhen, ignore_abort: bool) -> (Vec<u16>, Vec<Vec<Strin
     let first = thread::spawn(move || post(port, "/collect", &beacon("www.example.com", "first")));
     assert_eq!(sink.wait_for_requests(1, WAIT).len(), 1);
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = runtime();
     let statuses = runtime.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let mut client = client.ready().await.expect("h2 ready");
-        let send = |client: &mut h2::client::SendRequest<bytes::Bytes>, id: &str| {
-            let request = http::Request::post(format!("http://www.example.com:{port}/collect"))
-                .body(())
-                .expect("request");
-            let (response, mut stream) = client.send_request(request, false).expect("send");
-            stream
-                .send_data(bytes::Bytes::from(beacon("www.example.com", id)), true)
-                .expect("body");
-            (response, stream)
-        };
-        let (leader_response, mut leader_stream) = send(&mut client, "leader");
+        let mut client = h2_connect(port).await;
+        let (leader_response, mut leader_stream) = h2_beacon(&mut client, port, "leader").await;
         tokio::time::sleep(Duration::from_millis(150)).await;
         let mut members = Vec::new();
         for i in 0..8 {
-            client = client.ready().await.expect("h2 ready");
-            members.push(send(&mut client, &format!("member-{i}")).0);
+            members.push(h2_beacon(&mut client, port, &format!("member-{i}")).await.0);
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
         if when == ResetWhen::DuringItsWrite {
@@ -369,31 +387,13 @@ fn a_waiting_beacon_whose_stream_is_reset_is_still_written() {
     let conf = h2_conf_with(port, sink.port(), "analytics_batch lines=2 delay=5s;", true);
     let nginx = Nginx::start(&conf);
     sink.set_delay(Duration::from_millis(600));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = runtime();
     let sink = runtime.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let mut client = client.ready().await.expect("h2 ready");
+        let mut client = h2_connect(port).await;
         let (mut responses, mut streams) = (Vec::new(), Vec::new());
         // 4 writes of 2 lines in flight and a full open batch: the 11th beacon waits for room.
         for i in 0..11 {
-            client = client.ready().await.expect("h2 ready");
-            let request = http::Request::post(format!("http://www.example.com:{port}/collect"))
-                .body(())
-                .expect("request");
-            let (response, mut stream) = client.send_request(request, false).expect("send");
-            let body = beacon("www.example.com", &format!("w-{i}"));
-            stream
-                .send_data(bytes::Bytes::from(body), true)
-                .expect("body");
+            let (response, stream) = h2_beacon(&mut client, port, &format!("w-{i}")).await;
             responses.push(response);
             streams.push(stream);
             tokio::time::sleep(Duration::from_millis(30)).await;
@@ -614,27 +614,10 @@ fn a_failed_write_of_a_leader_whose_stream_was_reset_is_logged_intact() {
     let message = "the sink says: boom, and a little more so that it is long enough";
     sink.set_response(500, &format!("{{\"error\":\"{message}\"}}"));
     sink.set_delay(Duration::from_millis(800));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = runtime();
     runtime.block_on(async move {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let mut client = client.ready().await.expect("h2 ready");
-        let request = http::Request::post(format!("http://www.example.com:{port}/collect"))
-            .body(())
-            .expect("request");
-        let (_response, mut stream) = client.send_request(request, false).expect("send");
-        let body = beacon("www.example.com", "reset");
-        stream
-            .send_data(bytes::Bytes::from(body), true)
-            .expect("body");
+        let mut client = h2_connect(port).await;
+        let (_response, mut stream) = h2_beacon(&mut client, port, "reset").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         stream.send_reset(h2::Reason::CANCEL);
         tokio::time::sleep(Duration::from_millis(100)).await;
