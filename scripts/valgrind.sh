@@ -20,7 +20,9 @@
 # time), background mode, a sink that is down, a slow sink (longer than proxy_read_timeout),
 # invalid bodies of every kind, too-large bodies, chunked bodies, a body spilled to a temp file,
 # a client that disconnects mid-body, a stalled client (client_body_timeout), GET (405), CORS
-# preflights, a bot user agent, the embedded agent (analytics_agent) and its 304.
+# preflights, a bot user agent, the embedded agent (analytics_agent) and its 304, reports whose
+# statements are answered with 2,000 series each (about 200 KB), refused report requests, the
+# metrics in both formats and the dashboard page.
 #
 # Exit status: 0 clean; 1 memory errors or per-request definite leaks attributable to the module
 # (a stack through libngx_http_analytics_module); 3 setup failure. Reported for information but
@@ -72,6 +74,20 @@ class Sink(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if self.path.startswith("/query"):
+            # A report statement: a JSON answer of 2,000 series (about 200 KB, so the module's
+            # capture of it grows several times).
+            series = ",".join(
+                '{"name":"pf_analytics","tags":{"page":"/p/%d"},'
+                '"columns":["time","pageviews","visits"],"values":[[0,%d,%d]]}' % (i, i + 1, i)
+                for i in range(2000))
+            body = ('{"results":[{"statement_id":0,"series":[%s]}]}' % series).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         with Sink.lock:
             Sink.count += 1
             n = Sink.count
@@ -157,6 +173,17 @@ http {
         location = /collect-slow { analytics; analytics_write /_analytics/write-slow; }
         location = /collect-off { analytics; analytics_write off; }
         location = /agent.js { analytics_agent; }
+        location = /report { analytics_report; }
+        location = /metrics { analytics_metrics; }
+        location = /dash/ { analytics_dashboard /report; }
+        location = /_analytics/query {
+            internal;
+            proxy_pass http://sink/query?db=analytics;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass_request_headers off;
+            proxy_set_header Content-Type application/x-www-form-urlencoded;
+        }
 $(write_location /_analytics/write sink)
 $(write_location /_analytics/write-slow slow)
 $(write_location /_analytics/write-dead dead)
@@ -228,6 +255,18 @@ etag=$(curl -s -D - -o /dev/null --max-time 30 "http://127.0.0.1:$port/agent.js"
 for i in 1 2; do
     codes+=("agent 304:$(curl -s -o /dev/null -w '%{http_code}' --max-time 30 -H "If-None-Match: $etag" "http://127.0.0.1:$port/agent.js")")
 done
+# Reports (each statement answered with 2,000 series), refused report parameters and methods,
+# the metrics in both formats, the dashboard page.
+for q in "report=summary&domain=www.example.com" "report=pages&domain=www.example.com&limit=1000" \
+    "report=pages&domain=www.example.com&format=csv" "report=timeseries&domain=www.example.com&period=24h" \
+    "report=events&domain=www.example.com" "report=domains" "report=nope" "report=pages&domain=a%27b"; do
+    codes+=("report $q:$(curl -s -o /dev/null -w '%{http_code}' --max-time 60 "http://127.0.0.1:$port/report?$q")")
+done
+codes+=("POST /report:$(curl -s -o /dev/null -w '%{http_code}' --max-time 30 -d x "http://127.0.0.1:$port/report?report=domains")")
+for q in "" "?format=json"; do
+    codes+=("metrics$q:$(curl -s -o /dev/null -w '%{http_code}' --max-time 30 "http://127.0.0.1:$port/metrics$q")")
+done
+codes+=("dashboard:$(curl -s -o /dev/null -w '%{http_code}' --max-time 30 "http://127.0.0.1:$port/dash/")")
 # A client that disconnects mid-body, and one that stalls (client_body_timeout 2s).
 python3 - "$port" <<'PY'
 import socket, sys, time
