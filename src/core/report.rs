@@ -173,16 +173,13 @@ pub fn parse_report_query(args: &[u8], now_ms: i64) -> Result<ReportQuery, Param
             return Err(bad(name, "is too long"));
         }
         let value_raw = raw.get(raw_key.len() + 1..).unwrap_or_default();
-        let decoded: Vec<u8> = form_urlencoded::parse(&[b"v=", value_raw].concat())
-            .next()
-            .map(|(_, v)| v.into_owned().into_bytes())
-            .unwrap_or_default();
-        // `form_urlencoded` replaces invalid UTF-8 with U+FFFD; refuse it instead.
-        let exact = percent_decode_exact(value_raw).ok_or_else(|| bad(name, "is not UTF-8"))?;
-        if exact != decoded {
-            return Err(bad(name, "is not UTF-8"));
-        }
-        let value = String::from_utf8(exact).map_err(|_| bad(name, "is not UTF-8"))?;
+        // A form value: `+` is a space, then percent-decoding; the result must be UTF-8.
+        let plus_as_space: Vec<u8> = value_raw
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
+        let value = String::from_utf8(percent_encoding::percent_decode(&plus_as_space).collect())
+            .map_err(|_| bad(name, "is not UTF-8"))?;
         if value.chars().any(char::is_control) {
             return Err(bad(name, "has a control character"));
         }
@@ -290,34 +287,6 @@ pub fn parse_report_query(args: &[u8], now_ms: i64) -> Result<ReportQuery, Param
         format,
         page,
     })
-}
-
-/// Percent-decodes a form value (`+` is a space), or `None` when the result is not UTF-8.
-fn percent_decode_exact(raw: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = |b: u8| (b as char).to_digit(16);
-                match (
-                    raw.get(i + 1).and_then(|b| hex(*b)),
-                    raw.get(i + 2).and_then(|b| hex(*b)),
-                ) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    std::str::from_utf8(&out).ok()?;
-    Some(out)
 }
 
 fn period_range(period: &str, now_ms: i64) -> Result<TimeRange, ParamError> {
