@@ -656,7 +656,7 @@ fn record_answer(
     // A 413 on a single line cannot be split further: that line fails.
     let single_too_large = outcome == ChunkOutcome::TooLarge && chunk.len() == 1;
     if outcome == ChunkOutcome::Failed || single_too_large {
-        let message = sink_message(capture.body(), capture.body_truncated);
+        let message = capture.message();
         let detail = match (status, message.as_str()) {
             (0, _) => "no answer from the sink".to_string(),
             (400, m) if m.contains("partial write") => {
@@ -674,22 +674,6 @@ fn record_answer(
         counters.count_write(outcome == ChunkOutcome::Stored, chunk.len(), seconds);
     }
     batch.plan.record(chunk, outcome);
-}
-
-/// The sink's answer body as a short, single-line, printable message for the error log.
-fn sink_message(body: &[u8], truncated: bool) -> String {
-    const MAX_CHARS: usize = 300;
-    let text = String::from_utf8_lossy(body);
-    let mut message: String = text
-        .trim()
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX_CHARS)
-        .collect();
-    if truncated || text.trim().chars().count() > MAX_CHARS {
-        message.push_str("...");
-    }
-    message
 }
 
 fn log_failed_chunk(log: *mut ngx_log_t, uri: &str, points: usize, detail: &str) {

@@ -164,8 +164,7 @@ fn step(r: *mut ngx_http_request_t) -> ngx_int_t {
             )),
             (200, false) => None,
             (status, _) => {
-                let body = String::from_utf8_lossy(capture.body());
-                let mut message = body.trim().chars().take(300).collect::<String>();
+                let mut message = capture.message();
                 if message.contains("missing required parameter") {
                     message.push_str(
                         " (the query location needs: proxy_set_header Content-Type \

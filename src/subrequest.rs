@@ -70,6 +70,24 @@ impl Capture {
         unsafe { std::slice::from_raw_parts(self.buf, self.len) }
     }
 
+    /// The answer body as a short, single-line, printable message for the error log and error
+    /// answers: control characters (line breaks included) become spaces, at most 300
+    /// characters, `...` when cut short.
+    pub fn message(&self) -> String {
+        const MAX_CHARS: usize = 300;
+        let text = String::from_utf8_lossy(self.body());
+        let text = text.trim();
+        let mut message: String = text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(MAX_CHARS)
+            .collect();
+        if self.body_truncated || text.chars().count() > MAX_CHARS {
+            message.push_str("...");
+        }
+        message
+    }
+
     /// Whether the subrequest ended without saying what the upstream did: no status line, and
     /// it was cancelled (the client went away and the location does not ignore client aborts)
     /// or failed inside nginx. The request may or may not have reached the upstream.
