@@ -246,7 +246,6 @@ pub fn send_typed(
     content_type: &'static [u8],
     body: &[u8],
 ) -> ngx_int_t {
-    let text = body;
     let r: *mut ngx_http_request_t = request.into();
     // SAFETY: `r` is the valid main request, whose header has not been sent yet.
     unsafe {
@@ -255,13 +254,13 @@ pub fn send_typed(
             // nginx has no reason phrase for 422.
             (*r).headers_out.status_line = ngx_string_static(b"422 Unprocessable Content");
         }
-        if text.is_empty() {
+        if body.is_empty() {
             (*r).set_header_only(1);
             (*r).headers_out.content_length_n = 0;
         } else {
             (*r).headers_out.content_type = ngx_string_static(content_type);
             (*r).headers_out.content_type_len = (*r).headers_out.content_type.len;
-            (*r).headers_out.content_length_n = text.len() as i64;
+            (*r).headers_out.content_length_n = body.len() as i64;
         }
     }
     // SAFETY: as above.
@@ -270,7 +269,7 @@ pub fn send_typed(
     if rc == NGX_ERROR || rc > NGX_OK || unsafe { (*r).header_only() } != 0 {
         return rc;
     }
-    match body_chain(request, text) {
+    match body_chain(request, body) {
         // SAFETY: the chain and its buffer were just allocated from the request pool.
         Some(chain) => unsafe { ngx_http_output_filter(r, chain) },
         None => NGX_ERROR,

@@ -173,9 +173,8 @@ pub fn start_post(
     body: &[u8],
     limit: usize,
 ) -> Result<*mut Capture, SubrequestError> {
-    let lines = body;
     // A pool copy of the body, as the one, last buffer of the subrequest's body.
-    let chain = body_chain(request, lines).ok_or(SubrequestError)?;
+    let chain = body_chain(request, body).ok_or(SubrequestError)?;
     let request_body = pool_calloc::<ngx_http_request_body_t>(request)?;
     // SAFETY: a zeroed request body (no temp file, no rest to read) holding our chain.
     unsafe { (*request_body).bufs = chain };
@@ -226,7 +225,7 @@ pub fn start_post(
         len: POST_METHOD_NAME.len(),
         data: POST_METHOD_NAME.as_ptr().cast_mut(),
     };
-    sr.headers_in.content_length_n = lines.len() as i64;
+    sr.headers_in.content_length_n = body.len() as i64;
     sr.headers_in.set_chunked(0);
     Ok(capture)
 }
