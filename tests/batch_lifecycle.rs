@@ -140,29 +140,38 @@ fn every_server_block_writes_only_to_its_own_database() {
     nginx.assert_no_crash_in_log();
 }
 
+/// nginx in front of the fake sink on `sink_port`: one server for www.example.com on `port`
+/// with `server_extra` (directives and locations) and the write location to the sink.
+fn sink_server(port: u16, sink_port: u16, server_extra: &str) -> String {
+    format!(
+        r#"
+upstream sink {{ server 127.0.0.1:{sink_port}; keepalive 8; }}
+server {{
+    listen 127.0.0.1:{port};
+    server_name www.example.com;
+{server_extra}
+{}
+}}
+"#,
+        write_location("http://sink/write?db=analytics&precision=ns", "5s")
+    )
+}
+
 #[test]
 fn the_write_mode_and_limits_of_each_location_are_kept_apart() {
     // Same server and write URI, two endpoints: one in `background` mode with batches of 2
     // lines, one in `wait` mode with the default limits. Neither takes the other's settings.
     let sink = FakeSink::start();
     let port = free_port();
-    let http = format!(
-        r#"
-upstream sink {{ server 127.0.0.1:{}; keepalive 8; }}
-server {{
-    listen 127.0.0.1:{port};
-    server_name www.example.com;
-    location = /collect {{ analytics; }}
-    location = /collect-bg {{
+    let http = sink_server(
+        port,
+        sink.port(),
+        "    location = /collect { analytics; }
+    location = /collect-bg {
         analytics;
         analytics_write_mode background;
         analytics_batch lines=2 delay=5s;
-    }}
-{}
-}}
-"#,
-        sink.port(),
-        write_location("http://sink/write?db=analytics&precision=ns", "5s")
+    }",
     );
     let nginx = Nginx::start(&http);
     sink.set_delay(Duration::from_millis(500));
@@ -219,26 +228,22 @@ server {{
 /// nginx with an h2c (prior knowledge) listener in front of `sink`; the write location ignores
 /// client aborts as the README asks, unless `ignore_abort` is false.
 fn h2_conf_with(port: u16, sink_port: u16, endpoint_extra: &str, ignore_abort: bool) -> String {
-    let mut write = write_location("http://sink/write?db=analytics&precision=ns", "5s");
-    if !ignore_abort {
-        write = write.replace("proxy_ignore_client_abort on;", "");
-    }
-    format!(
-        r#"
-upstream sink {{ server 127.0.0.1:{sink_port}; keepalive 8; }}
-server {{
-    listen 127.0.0.1:{port};
-    http2 on;
-    server_name www.example.com;
+    let conf = sink_server(
+        port,
+        sink_port,
+        &format!(
+            "    http2 on;
     location = /collect {{
         analytics;
         analytics_domains www.example.com;
         {endpoint_extra}
-    }}
-{write}
-}}
-"#
-    )
+    }}"
+        ),
+    );
+    match ignore_abort {
+        true => conf,
+        false => conf.replace("proxy_ignore_client_abort on;", ""),
+    }
 }
 
 /// A runtime for the HTTP/2 client (the `h2` crate).
@@ -484,19 +489,7 @@ fn an_error_page_of_the_write_location_never_reaches_the_client() {
 fn long_answers(status: u16) -> (Vec<Response>, String) {
     let sink = FakeSink::start();
     let port = free_port();
-    let http = format!(
-        r#"
-upstream sink {{ server 127.0.0.1:{}; keepalive 8; }}
-server {{
-    listen 127.0.0.1:{port};
-    server_name www.example.com;
-    location = /collect {{ analytics; }}
-{}
-}}
-"#,
-        sink.port(),
-        write_location("http://sink/write?db=analytics&precision=ns", "5s")
-    );
+    let http = sink_server(port, sink.port(), "    location = /collect { analytics; }");
     let nginx = Nginx::start(&http);
     let long_body = format!("{{\"error\":\"{}\"}}", "x".repeat(64 * 1024));
     sink.set_response(status, &long_body);
@@ -555,28 +548,20 @@ fn a_long_success_answer_is_a_stored_write() {
 fn subrequests_to_the_endpoint_are_refused() {
     let sink = FakeSink::start();
     let port = free_port();
-    let http = format!(
-        r#"
-upstream sink {{ server 127.0.0.1:{}; keepalive 8; }}
-server {{
-    listen 127.0.0.1:{port};
-    server_name www.example.com;
-    location = /collect {{ analytics; }}
-    location = /mirrored {{
+    let http = sink_server(
+        port,
+        sink.port(),
+        r#"    location = /collect { analytics; }
+    location = /mirrored {
         mirror /collect;
         mirror_request_body on;
         return 204;
-    }}
-    location = /page.html {{
+    }
+    location = /page.html {
         ssi on;
         default_type text/html;
         return 200 'before<!--# include virtual="/collect" -->after';
-    }}
-{}
-}}
-"#,
-        sink.port(),
-        write_location("http://sink/write?db=analytics&precision=ns", "5s")
+    }"#,
     );
     let nginx = Nginx::start(&http);
     let mirrored = post(port, "/mirrored", &beacon("www.example.com", "mirrored"));
