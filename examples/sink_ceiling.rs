@@ -14,13 +14,15 @@
 //!     --lines 300000 --batch 1000 --connections 4 --session field
 //! ```
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 // The nginx-free core, compiled straight from the module's sources (the module's rlib cannot be
 // linked without nginx's symbols), as the fuzz target does.
+#[path = "common/conn.rs"]
+mod conn;
+use conn::Conn;
+
 #[path = "../src/core/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod core;
@@ -130,74 +132,6 @@ fn machine_busy_ticks() -> u64 {
         .sum()
 }
 
-/// One keepalive connection to InfluxDB.
-struct Conn {
-    reader: BufReader<TcpStream>,
-    stream: TcpStream,
-}
-
-impl Conn {
-    fn open(addr: &str) -> std::io::Result<Conn> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        Ok(Conn {
-            reader: BufReader::new(stream.try_clone()?),
-            stream,
-        })
-    }
-
-    /// POSTs `body` to `path`; the answer's status, or an error when it cannot be read.
-    fn post(&mut self, host: &str, path: &str, body: &[u8]) -> std::io::Result<u16> {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        self.stream.write_all(head.as_bytes())?;
-        self.stream.write_all(body)?;
-        let bad =
-            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        let status = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse::<u16>().ok())
-            .ok_or_else(|| bad("no status line"))?;
-        let mut length = 0usize;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line)?;
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value
-                        .trim()
-                        .parse()
-                        .map_err(|_| bad("bad Content-Length"))?;
-                } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                    return Err(bad("chunked answer"));
-                }
-            }
-        }
-        let mut answer = vec![0; length];
-        self.reader.read_exact(&mut answer)?;
-        if !(200..300).contains(&status) {
-            eprintln!(
-                "sink_ceiling: write answered {status}: {}",
-                String::from_utf8_lossy(&answer)
-                    .chars()
-                    .take(300)
-                    .collect::<String>()
-            );
-        }
-        Ok(status)
-    }
-}
-
 fn main() {
     let opts = match options() {
         Ok(opts) => opts,
@@ -220,18 +154,27 @@ fn main() {
             let (bodies, start) = (Arc::clone(&bodies), Arc::clone(&start));
             let (addr, path, connections) = (opts.addr.clone(), path.clone(), opts.connections);
             std::thread::spawn(move || -> std::io::Result<[usize; 3]> {
-                let conn = Conn::open(&addr);
+                let conn = addr
+                    .parse()
+                    .map_err(|_| std::io::Error::other(format!("bad address {addr}")))
+                    .and_then(|a| Conn::open(a, Duration::from_secs(60)));
                 start.wait();
                 let mut conn = conn?;
                 let [mut ok, mut failed, mut acked] = [0; 3];
                 // Connection n writes bodies n, n + connections, ...
                 for (lines, body) in bodies.iter().skip(n).step_by(connections) {
                     match conn.post(&addr, &path, body)? {
-                        200..=299 => {
+                        (200..=299, _) => {
                             ok += 1;
                             acked += lines;
                         }
-                        _ => failed += 1,
+                        (status, answer) => {
+                            eprintln!(
+                                "sink_ceiling: write answered {status}: {}",
+                                answer.chars().take(300).collect::<String>()
+                            );
+                            failed += 1;
+                        }
                     }
                 }
                 Ok([ok, failed, acked])

@@ -28,13 +28,16 @@
 //!     --domain demo.example.com --pageviews 20000 --days 14 --seed 1
 //! ```
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 // The nginx-free core, compiled straight from the module's sources (the module's rlib cannot be
 // linked without nginx's symbols), as examples/sink_ceiling.rs does.
+#[path = "common/conn.rs"]
+mod conn;
+use conn::Conn;
+
 #[path = "../src/core/mod.rs"]
 #[allow(dead_code, unused_imports)]
 mod core;
@@ -559,68 +562,6 @@ fn beacon_json(domain: &str, site: &Site, visit: &Visit, hit: &Hit) -> String {
     beacon.to_string()
 }
 
-/// One keepalive connection to InfluxDB.
-struct Conn {
-    reader: BufReader<TcpStream>,
-    stream: TcpStream,
-}
-
-impl Conn {
-    fn open(addr: SocketAddr) -> std::io::Result<Conn> {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-        Ok(Conn {
-            reader: BufReader::new(stream.try_clone()?),
-            stream,
-        })
-    }
-
-    /// POSTs `body` to `path`: the answer's status and body.
-    fn post(&mut self, host: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        self.stream.write_all(head.as_bytes())?;
-        self.stream.write_all(body)?;
-        let bad =
-            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        let status = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse::<u16>().ok())
-            .ok_or_else(|| bad("no status line"))?;
-        let mut length = 0usize;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line)?;
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value
-                        .trim()
-                        .parse()
-                        .map_err(|_| bad("bad Content-Length"))?;
-                } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                    return Err(bad("chunked answer"));
-                }
-            }
-        }
-        if length > 1 << 20 {
-            return Err(bad("answer too large"));
-        }
-        let mut answer = vec![0; length];
-        self.reader.read_exact(&mut answer)?;
-        Ok((status, String::from_utf8_lossy(&answer).into_owned()))
-    }
-}
-
 /// Writes one body, retrying twice (on a new connection) after a failure: the points have
 /// fixed timestamps, so a body written twice is still stored once.
 fn write_body(
@@ -637,7 +578,8 @@ fn write_body(
         }
         let result = match conn {
             Some(c) => c.post(&host, path, body),
-            None => Conn::open(addr).and_then(|c| conn.insert(c).post(&host, path, body)),
+            None => Conn::open(addr, Duration::from_secs(120))
+                .and_then(|c| conn.insert(c).post(&host, path, body)),
         };
         match result {
             Ok((200..=299, _)) => return Ok(()),
