@@ -101,7 +101,8 @@ impl HttpModule for HttpAnalyticsModule {
             let Some(mcf) = HttpAnalyticsModule::main_conf(unsafe { &*cf }) else {
                 return NGX_ERROR;
             };
-            match spool::check_directories(&mcf.spool_sinks) {
+            // SAFETY: as above.
+            match unsafe { spool::check_directories(cf, &mcf.spool_sinks) } {
                 Ok(()) => NGX_OK,
                 Err(message) => {
                     ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, cf, "{message}");

@@ -27,7 +27,8 @@ use std::collections::VecDeque;
 use std::ffi::{c_char, c_void};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::ptr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -182,9 +183,10 @@ pub unsafe fn register(
     Ok(())
 }
 
-/// What identifies a server block's sink across reloads and restarts: its server names, the
-/// addresses it listens on and the write URI (two server blocks that differ in any of these
-/// never replay each other's lines).
+/// What identifies a server block's sink across reloads and restarts: its server names and the
+/// write URI; for a server block without a name, the addresses it listens on instead of the
+/// names. Two server blocks that differ in these never replay each other's lines, and a spool
+/// survives the usual edits of a site's configuration (another `listen`, a changed location).
 ///
 /// # Safety
 /// `cf` must be a valid configuration context of the `http` block, `cscf` one of its servers.
@@ -202,6 +204,10 @@ unsafe fn server_identity(
     .iter()
     .map(|n| text(&n.name))
     .collect();
+    let named = names.iter().any(|n| !n.is_empty() && n != "_");
+    if named {
+        return format!("server_name={} uri={uri}", names.join(","));
+    }
     let mut listens = Vec::new();
     let cmcf = NgxHttpCoreModule::main_conf(
         // SAFETY: `cf` is valid (see the caller).
@@ -226,46 +232,122 @@ unsafe fn server_identity(
     }
     listens.sort();
     listens.dedup();
-    format!(
-        "server_name={} listen={} uri={uri}",
-        names.join(","),
-        listens.join(",")
-    )
+    format!("listen={} uri={uri}", listens.join(","))
 }
 
 /// Configuration check (`postconfiguration`): every spool directory exists (it is created
-/// here when missing; nginx then gives it to the worker user like its temp paths) and files can
-/// be created in it, so that `nginx -t` and a reload refuse a directory the module cannot use
-/// (a failed reload keeps the running configuration).
-pub fn check_directories(sinks: &[SpoolSink]) -> Result<(), String> {
+/// here when missing and, when nginx runs as root, given to the worker user as nginx does with
+/// its temp paths) and the worker user can create files in it (checked as that user), so that
+/// `nginx -t` and a reload refuse a directory the workers cannot use; a failed reload keeps the
+/// running configuration.
+///
+/// # Safety
+/// `cf` must be the configuration context nginx passes to `postconfiguration`.
+pub unsafe fn check_directories(cf: *mut ngx_conf_t, sinks: &[SpoolSink]) -> Result<(), String> {
     let mut dirs: Vec<&str> = sinks.iter().map(|s| s.conf.dir.as_str()).collect();
     dirs.sort_unstable();
     dirs.dedup();
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: the caller passes a valid configuration context.
+    let worker = unsafe { worker_user(cf) };
     for dir in dirs {
-        let not_writable =
-            |e: std::io::Error| format!("analytics_spool directory \"{dir}\" is not writable: {e}");
+        let not_writable = |why: String| {
+            format!("analytics_spool directory \"{dir}\" is not writable by the worker user: {why}")
+        };
         match fs::create_dir(dir) {
             Ok(()) => {
-                let _ =
-                    fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+                let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(not_writable(e)),
+            Err(e) => return Err(not_writable(e.to_string())),
         }
-        let probe = format!("{dir}/.analytics-probe.{}", std::process::id());
-        let created = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&probe);
-        match created {
-            Ok(_) => {
-                let _ = fs::remove_file(&probe);
+        match worker {
+            Some((uid, gid)) => {
+                // As nginx's `ngx_create_paths` does: owned by the worker user, u+rwx.
+                let meta = fs::metadata(dir).map_err(|e| not_writable(e.to_string()))?;
+                if meta.uid() != uid {
+                    std::os::unix::fs::chown(dir, Some(uid), None)
+                        .map_err(|e| not_writable(e.to_string()))?;
+                }
+                if meta.mode() & 0o700 != 0o700 {
+                    fs::set_permissions(dir, fs::Permissions::from_mode(meta.mode() | 0o700))
+                        .map_err(|e| not_writable(e.to_string()))?;
+                }
+                // The check itself runs as the worker user: a parent directory it cannot
+                // enter, or a read-only file system, fail here.
+                let ok = std::process::Command::new("/bin/sh")
+                    .args([
+                        "-c",
+                        "test -d \"$1\" && test -w \"$1\" && test -x \"$1\"",
+                        "sh",
+                        dir,
+                    ])
+                    .uid(uid)
+                    .gid(gid)
+                    .stdin(std::process::Stdio::null())
+                    .status()
+                    .map_err(|e| not_writable(format!("could not check: {e}")))?;
+                if !ok.success() {
+                    return Err(not_writable(format!("uid {uid} cannot create files in it")));
+                }
             }
-            Err(e) => return Err(not_writable(e)),
+            None => {
+                let probe = format!("{dir}/.analytics-probe.{}", std::process::id());
+                let created = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&probe);
+                match created {
+                    Ok(_) => {
+                        let _ = fs::remove_file(&probe);
+                    }
+                    Err(e) => return Err(not_writable(e.to_string())),
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// The worker processes' user and group when nginx runs as root (the `user` directive, else
+/// nginx's default user), or `None` when the workers run as the current user.
+///
+/// # Safety
+/// `cf` must be a valid configuration context.
+unsafe fn worker_user(cf: *mut ngx_conf_t) -> Option<(u32, u32)> {
+    // SAFETY: a libc call without arguments.
+    if unsafe { ngx::ffi::geteuid() } != 0 {
+        return None;
+    }
+    // SAFETY: the cycle's configuration array holds the core module's configuration, an
+    // `ngx_core_conf_t`, created before any other directive was parsed.
+    let ccf = unsafe {
+        let ctx = (*(*cf).cycle).conf_ctx;
+        (*ctx.add(ngx::ffi::ngx_core_module.index))
+            .cast::<ngx::ffi::ngx_core_conf_t>()
+            .as_ref()
+    }?;
+    const UNSET: u32 = u32::MAX;
+    if ccf.user != UNSET {
+        let group = if ccf.group != UNSET {
+            ccf.group
+        } else {
+            ccf.user
+        };
+        return Some((ccf.user, group));
+    }
+    // No `user` directive (yet): nginx will use its default user and group.
+    // SAFETY: libc lookups with constant C strings; the results are read at once.
+    unsafe {
+        let pwd = ngx::ffi::getpwnam(ngx::ffi::NGX_USER.as_ptr()).as_ref()?;
+        let group = ngx::ffi::getgrnam(ngx::ffi::NGX_GROUP.as_ptr())
+            .as_ref()
+            .map_or(pwd.pw_gid, |g| g.gr_gid);
+        Some((pwd.pw_uid, group))
+    }
 }
 
 /// One spool file this worker holds (its own, or one it adopted).
@@ -517,6 +599,9 @@ pub fn init_process(cycle: &ngx_cycle_t) {
     };
     // SAFETY: only read.
     let worker = unsafe { ngx::ffi::ngx_worker };
+    if worker == 0 {
+        log_orphans(&mcf.spool_sinks);
+    }
     for sink in &mcf.spool_sinks {
         let Some(index) = spool_for(sink.server, &sink.uri, &sink.conf.dir) else {
             continue;
@@ -525,6 +610,41 @@ pub fn init_process(cycle: &ngx_cycle_t) {
             // SAFETY: the spool's event lives in its box for the worker's life.
             unsafe { ngx_add_timer(&mut *spool.event, (10 + 50 * worker.min(40)) as _) };
         });
+    }
+}
+
+/// Logs spool files that belong to no sink of this configuration (its server block's name or
+/// the write URI changed while lines were spooled): they are left alone, and the admin told.
+fn log_orphans(sinks: &[SpoolSink]) {
+    let mut dirs: Vec<&str> = sinks.iter().map(|s| s.conf.dir.as_str()).collect();
+    dirs.sort_unstable();
+    dirs.dedup();
+    for dir in dirs {
+        let ids: Vec<u64> = sinks
+            .iter()
+            .filter(|s| s.conf.dir == dir)
+            .map(|s| sink_id(&s.identity))
+            .collect();
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let orphan = parse_file_name(name).is_some_and(|(id, ..)| !ids.contains(&id));
+            let size = entry.metadata().map_or(0, |m| m.len());
+            if !orphan || size == 0 {
+                continue;
+            }
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { cycle_log().as_mut() } {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    log,
+                    "analytics: spool file \"{dir}/{name}\" ({}) belongs to no server block of \
+                     this configuration (its server_name, or listen when it has no name, or its \
+                     write URI changed); it is left in place",
+                    human_size(size)
+                );
+            }
+        }
     }
 }
 
