@@ -256,12 +256,9 @@ pub unsafe fn check_directories(cf: *mut ngx_conf_t, sinks: &[SpoolSink]) -> Res
         let not_writable = |why: String| {
             format!("analytics_spool directory \"{dir}\" is not writable by the worker user: {why}")
         };
-        match fs::create_dir(dir) {
-            Ok(()) => {
-                let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(not_writable(e.to_string())),
+        if fs::metadata(dir).is_err() {
+            fs::create_dir_all(dir).map_err(|e| not_writable(e.to_string()))?;
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
         }
         match worker {
             Some((uid, gid)) => {
