@@ -309,8 +309,9 @@ pub unsafe fn check_directories(cf: *mut ngx_conf_t, sinks: &[SpoolSink]) -> Res
     Ok(())
 }
 
-/// The worker processes' user and group when nginx runs as root (the `user` directive, else
-/// nginx's default user), or `None` when the workers run as the current user.
+/// The worker processes' user and group when nginx runs as root with worker processes (the
+/// `user` directive, else nginx's default user), or `None` when they run as the current user
+/// (not root, or `master_process off`).
 ///
 /// # Safety
 /// `cf` must be a valid configuration context.
@@ -327,6 +328,10 @@ unsafe fn worker_user(cf: *mut ngx_conf_t) -> Option<(u32, u32)> {
             .cast::<ngx::ffi::ngx_core_conf_t>()
             .as_ref()
     }?;
+    // `master_process off`: nginx runs as one process and never changes its user.
+    if ccf.master == 0 {
+        return None;
+    }
     const UNSET: u32 = u32::MAX;
     if ccf.user != UNSET {
         let group = if ccf.group != UNSET {
