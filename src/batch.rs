@@ -711,12 +711,16 @@ fn record_answer(
     let single_too_large = outcome == ChunkOutcome::TooLarge && chunk.len() == 1;
     let spool = with_sink(batch.sink, |sink| sink.spool);
     let mut spooled = false;
+    let mut not_spooled = String::new();
     if let (ChunkOutcome::Failed, Some(spool)) = (outcome, spool) {
         if capture.outcome_unknown() || spool::worth_retrying(status) {
             // `wait` mode answers 204 for these lines: they must be on disk first.
             let durable = with_sink(batch.sink, |sink| sink.mode == WriteMode::Wait);
             let lines: Vec<&[u8]> = chunk.clone().map(|i| batch.lines.line(i)).collect();
-            spooled = spool::append(spool, &lines, Append::Failed { durable }).is_ok();
+            match spool::append(spool, &lines, Append::Failed { durable }) {
+                Ok(()) => spooled = true,
+                Err(refused) => not_spooled = format!(", and the spool {}", refused.reason),
+            }
         }
     }
     if spooled {
@@ -743,6 +747,7 @@ fn record_answer(
             (status, "") => format!("sink answered {status}"),
             (status, m) => format!("sink answered {status}: {m}"),
         };
+        let detail = detail + &not_spooled;
         log_failed_chunk(log, sink_uri(batch.sink), chunk.len(), &detail);
     }
     if let Some(counters) = metrics() {

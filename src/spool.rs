@@ -771,9 +771,13 @@ fn log_orphans(sinks: &[SpoolSink]) {
     }
 }
 
-/// Why lines could not be spooled (already logged).
+/// Why lines could not be spooled. The spool logged it already, except for
+/// [`Append::Failed`] lines, whose failed write's own error line names it.
 #[derive(Debug)]
-pub struct NotSpooled;
+pub struct NotSpooled {
+    /// What the spool said, such as `is full (max_size=256.0 MiB)`.
+    pub reason: String,
+}
 
 /// Why lines are appended to a spool, which decides how durable the append must be and what
 /// a refusal means.
@@ -791,8 +795,10 @@ pub enum Append {
 }
 
 /// Appends `lines` to this worker's file of spool `index`. A refusal (full, unwritable, disk
-/// full) is logged, at most once a second per spool, with the number of points not stored
-/// (not for [`Append::Diverted`], whose lines go the usual way instead).
+/// full) of [`Append::Held`] lines is logged, at most once a second per spool, with the number
+/// of points not stored; the caller logs those of [`Append::Failed`] lines with its write's
+/// failure (so that each point not stored is counted once), and [`Append::Diverted`] lines go
+/// the usual way instead.
 pub fn append(index: usize, lines: &[&[u8]], why: Append) -> Result<(), NotSpooled> {
     let result = with_spool(index, |spool| spool.append(lines, why));
     if result.is_ok() {
@@ -878,7 +884,9 @@ impl Spool {
             }
         }
         let Some(own) = self.own.as_mut() else {
-            return Err(NotSpooled);
+            return Err(NotSpooled {
+                reason: "has no file".to_string(),
+            });
         };
         let durable = matches!(
             why,
@@ -922,16 +930,20 @@ impl Spool {
     /// Logs a refusal, at most once a second (with the points refused since the last line), and
     /// returns the error.
     fn refuse(&mut self, points: usize, why: Append, reason: &str) -> NotSpooled {
-        if why == Append::Diverted {
-            // Written the usual way instead: nothing is lost.
-            return NotSpooled;
+        let refused = NotSpooled {
+            reason: reason.to_string(),
+        };
+        if !matches!(why, Append::Held { .. }) {
+            // Diverted: written the usual way instead, nothing is lost. Failed: the failed
+            // write's error line counts the points, with this reason.
+            return refused;
         }
         self.refused_points += points as u64;
         self.refusal_reason = reason.to_string();
         if now_ms().saturating_sub(self.refusal_logged_at) >= 1000 {
             self.log_refusals();
         }
-        NotSpooled
+        refused
     }
 
     /// Logs the points refused since the last such line (at a refusal, at most once a second,
