@@ -297,6 +297,68 @@ impl Influx {
             .len()
     }
 
+    /// Starts `influxd` again after [`Influx::stop`] with the same configuration: the same
+    /// loopback ports and the same data, WAL and meta directories (an outage and a return, not a
+    /// new server); its output is appended to `influxd.log`. Waits (≤ 30 s) until `GET /ping`
+    /// answers 204; panics with the server's log if it exits or does not come up. Panics if the
+    /// server is still running.
+    pub fn restart(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "Influx::restart: influxd is still running (call stop() first)"
+        );
+        let bin = influxd_binary();
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.dir.path().join("influxd.log"))
+            .expect("opening influxd.log");
+        let log2 = log.try_clone().expect("dup influxd.log");
+        let child = Command::new(&bin)
+            .arg("-config")
+            .arg(self.dir.path().join("influxdb.conf"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if ping(self.http_port) == Some(204) {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!(
+                    "influxd exited while restarting on port {} ({status}); its log:\n{}",
+                    self.http_port,
+                    self.log()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "influxd did not answer GET /ping with 204 within {START_TIMEOUT:?} after a \
+                     restart; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the server process is running (started and not stopped).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
     /// Kills the server now (to test "InfluxDB down"); idempotent.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
