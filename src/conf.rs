@@ -20,10 +20,12 @@ use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::core::batch::{parse_batch_args, BatchLimits};
 use crate::core::line_protocol::SessionStorage;
+use crate::core::spool::parse_spool_args;
 use crate::core::policy::{
     push_event_names, validate_measurement_name, DomainPattern, Measurements,
 };
 use crate::metrics::{AnalyticsMainConf, ZoneSetting, MIN_ZONE_SIZE};
+use crate::spool::{conf_from_settings, SpoolConf};
 use crate::HttpAnalyticsModule;
 
 /// Default URI of the internal location that receives the line protocol.
@@ -84,6 +86,10 @@ pub struct AnalyticsLocConf {
     pub dashboard: Option<Arc<crate::dashboard::DashboardPage>>,
     /// `analytics_session`.
     pub session: Option<SessionStorage>,
+    /// `analytics_spool`: `Some(None)` is `off`.
+    pub spool: Option<Option<Arc<SpoolConf>>>,
+    /// The location has `analytics;` (not inherited).
+    pub endpoint: bool,
 }
 
 impl AnalyticsLocConf {
@@ -153,6 +159,11 @@ impl AnalyticsLocConf {
     pub fn max_body_size(&self) -> usize {
         self.max_body_size.unwrap_or(DEFAULT_MAX_BODY_SIZE)
     }
+
+    /// The spool failed writes go to (default: none).
+    pub fn spool(&self) -> Option<&Arc<SpoolConf>> {
+        self.spool.as_ref().and_then(Option::as_ref)
+    }
 }
 
 fn inherit<T: Clone>(value: &mut Option<T>, prev: &Option<T>) {
@@ -176,6 +187,7 @@ impl Merge for AnalyticsLocConf {
         // For `if` blocks inside a dashboard location, which keep its content handler.
         inherit(&mut self.dashboard, &prev.dashboard);
         inherit(&mut self.session, &prev.session);
+        inherit(&mut self.spool, &prev.spool);
         Ok(())
     }
 }
@@ -198,7 +210,7 @@ const fn command(
 }
 
 /// The module's directive table (terminated by an empty command, as nginx expects).
-pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 18] = [
+pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 19] = [
     command(
         ngx_string!("analytics"),
         NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
@@ -273,6 +285,11 @@ pub static mut NGX_HTTP_ANALYTICS_COMMANDS: [ngx_command_t; 18] = [
         ngx_string!("analytics_session"),
         ANY_LEVEL | NGX_CONF_TAKE1,
         cmd_session,
+    ),
+    command(
+        ngx_string!("analytics_spool"),
+        ANY_LEVEL | NGX_CONF_1MORE,
+        cmd_spool,
     ),
     command(
         ngx_string!("analytics_metrics"),
@@ -376,6 +393,7 @@ directive_handler!(cmd_report, set_report);
 directive_handler!(cmd_metrics, set_metrics);
 directive_handler!(cmd_metrics_zone, set_metrics_zone);
 directive_handler!(cmd_query, set_query);
+directive_handler!(cmd_spool, set_spool);
 
 fn duplicate<T>(value: &Option<T>) -> Result<(), String> {
     match value {
@@ -387,7 +405,19 @@ fn duplicate<T>(value: &Option<T>) -> Result<(), String> {
 fn set_analytics(d: &mut Directive) -> Result<(), String> {
     // Compile the bot list now, in the master, so every worker inherits it ready to use.
     crate::core::bots::matcher()?;
-    set_content_handler(d, crate::handler::analytics_handler)
+    set_content_handler(d, crate::handler::analytics_handler)?;
+    d.conf.endpoint = true;
+    Ok(())
+}
+
+fn set_spool(d: &mut Directive) -> Result<(), String> {
+    duplicate(&d.conf.spool)?;
+    d.conf.spool = Some(match parse_spool_args(&d.args)? {
+        None => None,
+        // SAFETY: `d.cf` is the configuration context of this directive.
+        Some(settings) => Some(Arc::new(unsafe { conf_from_settings(d.cf, &settings) }?)),
+    });
+    Ok(())
 }
 
 /// Makes this module's `handler` the content handler of the location being parsed.

@@ -15,9 +15,10 @@ use std::ptr;
 
 use ngx::core::{Pool, NGX_CONF_ERROR};
 use ngx::ffi::{
-    ngx_conf_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_HTTP_MODULE,
+    ngx_conf_t, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t,
+    NGX_HTTP_MODULE,
 };
-use ngx::http::{HttpModule, HttpModuleLocationConf, Merge};
+use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, Merge};
 
 use crate::request::no_panic;
 
@@ -30,6 +31,7 @@ mod handler;
 mod metrics;
 mod report;
 mod request;
+mod spool;
 mod subrequest;
 mod variables;
 
@@ -67,7 +69,8 @@ pub static mut ngx_http_analytics_module: ngx_module_t = ngx_module_t {
     commands: unsafe { ptr::addr_of_mut!(conf::NGX_HTTP_ANALYTICS_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,
     init_module: Some(metrics::init_module),
-    exit_process: Some(batch::exit_process),
+    init_process: Some(init_process),
+    exit_process: Some(exit_process),
     ..ngx_module_t::default()
 };
 
@@ -91,9 +94,19 @@ impl HttpModule for HttpAnalyticsModule {
             // after every filter module has put its filters in the chains.
             unsafe { subrequest::install_filters() };
             // SAFETY: the configuration context nginx passed.
-            match unsafe { metrics::add_zone(cf) } {
+            if unsafe { metrics::add_zone(cf) }.is_err() {
+                return NGX_ERROR;
+            }
+            // SAFETY: as above.
+            let Some(mcf) = HttpAnalyticsModule::main_conf(unsafe { &*cf }) else {
+                return NGX_ERROR;
+            };
+            match spool::check_directories(&mcf.spool_sinks) {
                 Ok(()) => NGX_OK,
-                Err(()) => NGX_ERROR,
+                Err(message) => {
+                    ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, cf, "{message}");
+                    NGX_ERROR
+                }
             }
         })
     }
@@ -123,9 +136,10 @@ unsafe extern "C" fn create_loc_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     })
 }
 
-/// Merges a location configuration with the one of the enclosing level.
+/// Merges a location configuration with the one of the enclosing level, and registers the sink
+/// of an `analytics;` location that has a spool.
 unsafe extern "C" fn merge_loc_conf(
-    _cf: *mut ngx_conf_t,
+    cf: *mut ngx_conf_t,
     prev: *mut c_void,
     conf: *mut c_void,
 ) -> *mut c_char {
@@ -139,11 +153,36 @@ unsafe extern "C" fn merge_loc_conf(
         }) else {
             return NGX_CONF_ERROR;
         };
-        match conf.merge(prev) {
-            Ok(()) => ptr::null_mut(),
-            Err(_) => NGX_CONF_ERROR,
+        if conf.merge(prev).is_err() {
+            return NGX_CONF_ERROR;
         }
+        if let (true, Some(spool), Some(uri)) = (conf.endpoint, conf.spool(), conf.write_uri()) {
+            // SAFETY: nginx passes `merge_loc_conf` the context of the server block it merges.
+            if let Err(message) = unsafe { spool::register(cf, uri, spool, conf.batch_limits()) } {
+                ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, cf, "analytics_spool {message}");
+                return NGX_CONF_ERROR;
+            }
+        }
+        ptr::null_mut()
     })
+}
+
+/// `init_process`: sets up the worker's spools (and looks for files left by earlier workers).
+unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    no_panic(NGX_OK, || {
+        // SAFETY: nginx passes the worker's valid cycle.
+        if let Some(cycle) = unsafe { cycle.as_ref() } {
+            spool::init_process(cycle);
+        }
+        NGX_OK
+    })
+}
+
+/// `exit_process`: spools or logs the lines still waiting for a write, then closes the spools.
+unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
+    // SAFETY: nginx passes the exiting cycle.
+    unsafe { batch::exit_process(cycle) };
+    no_panic((), spool::exit_process);
 }
 
 const NGX_OK: ngx_int_t = ngx::core::Status::NGX_OK.0;

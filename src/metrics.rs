@@ -53,6 +53,8 @@ pub struct AnalyticsMainConf {
     pub event_names: Vec<String>,
     /// This cycle's counters in the zone, once its init callback placed or found them.
     pub counters: *mut Metrics,
+    /// Every sink with a spool (`analytics_spool` in an `analytics;` location).
+    pub spool_sinks: Vec<crate::spool::SpoolSink>,
 }
 
 impl Default for AnalyticsMainConf {
@@ -61,6 +63,7 @@ impl Default for AnalyticsMainConf {
             zone: ZoneSetting::Default,
             event_names: Vec::new(),
             counters: ptr::null_mut(),
+            spool_sinks: Vec::new(),
         }
     }
 }

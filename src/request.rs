@@ -307,17 +307,7 @@ pub fn ngx_string_static(bytes: &'static [u8]) -> ngx_str_t {
     }
 }
 
-/// FNV-1a, 64 bit: a stable fingerprint for an ETag (of the agent, of a dashboard page).
-pub const fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
-    let mut i = 0;
-    while i < bytes.len() {
-        hash ^= bytes[i] as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        i += 1;
-    }
-    hash
-}
+pub use crate::core::spool::fnv1a;
 
 /// A complete answer held in memory: the agent (static), or the dashboard page (owned by the
 /// location configuration, which outlives every request of its configuration cycle).

@@ -14,6 +14,7 @@ pub mod line_protocol;
 pub mod metrics;
 pub mod policy;
 pub mod report;
+pub mod spool;
 #[cfg(test)]
 mod roundtrip_tests;
 pub mod timestamp;

@@ -1,0 +1,1173 @@
+//! The disk spool (`analytics_spool`): lines whose write failed for a reason worth retrying are
+//! appended to a file, and written again once the sink answers.
+//!
+//! A *spool* belongs to a sink: a server block's write URI, as batches are keyed. Each worker
+//! appends to a file of its own per spool (`<sink id>.<pid>.<ms>.spool`, format in
+//! [`crate::core::spool`]) and holds an exclusive `flock` on it for its life. Files whose lock
+//! is free belong to no live worker (it exited, was killed, or the nginx before a restart left
+//! them): any worker *adopts* them at its next look at the directory (at worker start and every
+//! `retry=`), replays them, and removes them once drained. A lock is held by one process at a
+//! time, so no file is ever replayed by two workers at once.
+//!
+//! Replay needs no beacon: every `retry=` while anything is spooled (and at once after a
+//! beacon's write to the same URI succeeded) the worker writes the oldest spooled lines, in
+//! chunks no larger than `analytics_batch` allows, through a POST subrequest to the write URI,
+//! like a beacon's batch. The subrequest's parent is a request of the module's own, on a
+//! connection without a socket, made the way nginx makes the requests of HTTP/2 streams
+//! (`ngx_http_create_request` on a fake connection). A line written twice is one point (every
+//! line keeps its own timestamp), so a replay that is cut short (a killed worker, a lost answer)
+//! is simply done again.
+//!
+//! Everything runs on the worker's thread, from nginx event handlers. The worker's spools live
+//! in a thread-local table that is never borrowed while nginx runs a request (which may call
+//! back into this module).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::ffi::{c_char, c_void};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::ptr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ngx::ffi::{
+    ngx_add_path, ngx_add_timer, ngx_conf_t, ngx_connection_t, ngx_create_pool, ngx_cycle,
+    ngx_cycle_t, ngx_destroy_pool, ngx_event_t, ngx_exiting, ngx_http_conf_ctx_t,
+    ngx_http_connection_t, ngx_http_core_main_conf_t, ngx_http_core_module,
+    ngx_http_core_srv_conf_t, ngx_http_create_request, ngx_http_free_request,
+    ngx_http_log_ctx_t, ngx_http_request_t, ngx_http_run_posted_requests,
+    ngx_list_init, ngx_log_t, ngx_path_t, ngx_pid, ngx_pnalloc, ngx_pool_cleanup_add,
+    ngx_post_event, ngx_posted_events, ngx_quit, ngx_str_t, ngx_table_elt_t, ngx_terminate,
+    ngx_uint_t, u_char, NGX_HTTP_POST, NGX_LOG_ERR, NGX_LOG_NOTICE,
+    NGX_LOG_WARN,
+};
+use ngx::http::{HttpModuleMainConf, NgxHttpCoreModule, Request};
+use ngx::ngx_log_error;
+
+use crate::core::batch::{BatchLimits, ChunkOutcome};
+use crate::core::spool::{
+    encode_entry, file_name, human_size, parse_file_name, read_chunk, sink_id, SpoolSettings,
+    ENTRY_OVERHEAD, MAX_ENTRY,
+};
+use crate::request::{no_panic, NGX_OK};
+use crate::subrequest::{start_write, WriteCapture};
+use crate::HttpAnalyticsModule;
+
+/// `analytics_spool` of a location: the directory (absolute) and its limits.
+#[derive(Debug)]
+pub struct SpoolConf {
+    /// The spool directory, absolute.
+    pub dir: String,
+    /// Most bytes a sink's spool files may hold together (`max_size=`).
+    pub max_size: u64,
+    /// How often a spool that is not empty is replayed, in ms (`retry=`).
+    pub retry_ms: u64,
+}
+
+/// A sink with a spool, found at configuration time (every location with `analytics;` and a
+/// spool), so that a worker can replay what is spooled for it without waiting for a beacon.
+#[derive(Debug)]
+pub struct SpoolSink {
+    /// The server block (its `srv_conf` array), as batches key it.
+    pub server: usize,
+    /// The server block's configuration context, for the replay's own requests.
+    conf_ctx: *mut ngx_http_conf_ctx_t,
+    /// The write URI.
+    pub uri: String,
+    /// The spool's settings.
+    pub conf: Arc<SpoolConf>,
+    /// Batch limits of the location: the largest replay write.
+    pub limits: BatchLimits,
+    /// What identifies the sink across restarts (server names, listen addresses, write URI).
+    pub identity: String,
+}
+
+/// Resolves the directory of `analytics_spool` against nginx's prefix and has nginx create it
+/// at start, like its temp paths (mode 0700, owned by the worker user).
+///
+/// # Safety
+/// `cf` must be the configuration context of the directive being parsed.
+pub unsafe fn conf_from_settings(
+    cf: *mut ngx_conf_t,
+    settings: &SpoolSettings,
+) -> Result<SpoolConf, String> {
+    // SAFETY: the caller passes a live configuration context; its cycle is the one being
+    // configured.
+    let (cycle, pool, conf_file) = unsafe { ((*cf).cycle, (*cf).pool, (*cf).conf_file) };
+    let dir = if settings.path.starts_with('/') {
+        settings.path.clone()
+    } else {
+        // SAFETY: a cycle's prefix is set before the configuration is parsed.
+        let prefix = unsafe { (*cycle).prefix.as_bytes() };
+        let prefix = String::from_utf8_lossy(prefix);
+        format!("{}/{}", prefix.trim_end_matches('/'), settings.path)
+    };
+    // SAFETY: the pool of the configuration being parsed; NULL is checked.
+    let name = unsafe { ngx_pnalloc(pool, dir.len() + 1) }.cast::<u8>();
+    // SAFETY: as above.
+    let path = unsafe { ngx::ffi::ngx_pcalloc(pool, size_of::<ngx_path_t>()) }.cast::<ngx_path_t>();
+    if name.is_null() || path.is_null() {
+        return Err("could not allocate memory".to_string());
+    }
+    // SAFETY: `name` has room for the path and its terminating NUL (nginx's paths are C
+    // strings); `path` is a zeroed path (no levels, no manager or loader), filled in as
+    // `ngx_conf_set_path_slot` does; `conf_file` is the file being parsed.
+    unsafe {
+        ptr::copy_nonoverlapping(dir.as_ptr(), name, dir.len());
+        *name.add(dir.len()) = 0;
+        (*path).name = ngx_str_t {
+            len: dir.len(),
+            data: name,
+        };
+        if let Some(file) = conf_file.as_ref() {
+            (*path).conf_file = file.file.name.data;
+            (*path).line = file.line;
+        }
+        let mut slot = path;
+        if ngx_add_path(cf, &mut slot) != NGX_OK {
+            return Err(format!("could not add the path \"{dir}\""));
+        }
+    }
+    Ok(SpoolConf {
+        dir,
+        max_size: settings.max_size,
+        retry_ms: settings.retry_ms,
+    })
+}
+
+/// Registers the sink of an `analytics;` location with a spool (from `merge_loc_conf`, where
+/// `cf->ctx` holds the server block being merged).
+///
+/// # Safety
+/// `cf` must be the configuration context nginx passed to `merge_loc_conf`.
+pub unsafe fn register(
+    cf: *mut ngx_conf_t,
+    uri: &str,
+    conf: &Arc<SpoolConf>,
+    limits: BatchLimits,
+) -> Result<(), String> {
+    // SAFETY: while nginx merges a server block's locations, `cf->ctx` is an
+    // `ngx_http_conf_ctx_t` whose `srv_conf` is that server block's.
+    let srv_conf = unsafe { (*(*cf).ctx.cast::<ngx_http_conf_ctx_t>()).srv_conf };
+    // SAFETY: the core module's index into a valid `srv_conf` array.
+    let cscf = unsafe {
+        (*srv_conf.add(ngx_http_core_module.ctx_index)).cast::<ngx_http_core_srv_conf_t>()
+    };
+    // SAFETY: as above.
+    let Some(cscf_ref) = (unsafe { cscf.as_ref() }) else {
+        return Err("has no server configuration".to_string());
+    };
+    // SAFETY: `cf` is valid (see above).
+    let mcf = HttpAnalyticsModule::main_conf_mut(unsafe { &*cf })
+        .ok_or("has no main configuration")?;
+    let server = srv_conf as usize;
+    let known = mcf
+        .spool_sinks
+        .iter()
+        .any(|s| s.server == server && s.uri == uri && s.conf.dir == conf.dir);
+    if known {
+        return Ok(());
+    }
+    // SAFETY: `cf` is valid; the server block's identity is read from its configuration.
+    let identity = unsafe { server_identity(cf, cscf_ref, uri) };
+    mcf.spool_sinks.push(SpoolSink {
+        server,
+        conf_ctx: cscf_ref.ctx,
+        uri: uri.to_string(),
+        conf: Arc::clone(conf),
+        limits,
+        identity,
+    });
+    Ok(())
+}
+
+/// What identifies a server block's sink across reloads and restarts: its server names, the
+/// addresses it listens on and the write URI (two server blocks that differ in any of these
+/// never replay each other's lines).
+///
+/// # Safety
+/// `cf` must be a valid configuration context of the `http` block, `cscf` one of its servers.
+unsafe fn server_identity(
+    cf: *mut ngx_conf_t,
+    cscf: &ngx_http_core_srv_conf_t,
+    uri: &str,
+) -> String {
+    let text = |s: &ngx_str_t| String::from_utf8_lossy(s.as_bytes()).into_owned();
+    // SAFETY: `server_names` is an array of `ngx_http_server_name_t` in the configuration pool.
+    let names: Vec<String> = unsafe { cscf.server_names.as_slice::<ngx::ffi::ngx_http_server_name_t>() }
+        .iter()
+        .map(|n| text(&n.name))
+        .collect();
+    let mut listens = Vec::new();
+    let cmcf = NgxHttpCoreModule::main_conf(
+        // SAFETY: `cf` is valid (see the caller).
+        unsafe { &*cf },
+    )
+    .map(|c| ptr::from_ref::<ngx_http_core_main_conf_t>(c));
+    // SAFETY: `ports` is NULL or an array of `ngx_http_conf_port_t`, each with an array of
+    // `ngx_http_conf_addr_t` whose `servers` arrays hold server configuration pointers; all
+    // live in the configuration pool while the configuration is parsed.
+    if let Some(ports) = cmcf.and_then(|c| unsafe { (*c).ports.as_ref() }) {
+        // SAFETY: as above.
+        for port in unsafe { ports.as_slice::<ngx::ffi::ngx_http_conf_port_t>() } {
+            // SAFETY: as above.
+            for addr in unsafe { port.addrs.as_slice::<ngx::ffi::ngx_http_conf_addr_t>() } {
+                // SAFETY: as above.
+                let servers = unsafe { addr.servers.as_slice::<*mut ngx_http_core_srv_conf_t>() };
+                if servers.iter().any(|s| ptr::eq(*s, cscf)) {
+                    listens.push(text(&addr.opt.addr_text));
+                }
+            }
+        }
+    }
+    listens.sort();
+    listens.dedup();
+    format!(
+        "server_name={} listen={} uri={uri}",
+        names.join(","),
+        listens.join(",")
+    )
+}
+
+/// Configuration check (`postconfiguration`): every spool directory exists (it is created
+/// here when missing; nginx then gives it to the worker user like its temp paths) and files can
+/// be created in it, so that `nginx -t` and a reload refuse a directory the module cannot use
+/// (a failed reload keeps the running configuration).
+pub fn check_directories(sinks: &[SpoolSink]) -> Result<(), String> {
+    let mut dirs: Vec<&str> = sinks.iter().map(|s| s.conf.dir.as_str()).collect();
+    dirs.sort_unstable();
+    dirs.dedup();
+    for dir in dirs {
+        let not_writable =
+            |e: std::io::Error| format!("analytics_spool directory \"{dir}\" is not writable: {e}");
+        match fs::create_dir(dir) {
+            Ok(()) => {
+                let _ = fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(not_writable(e)),
+        }
+        let probe = format!("{dir}/.analytics-probe.{}", std::process::id());
+        let created = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&probe);
+        match created {
+            Ok(_) => {
+                let _ = fs::remove_file(&probe);
+            }
+            Err(e) => return Err(not_writable(e)),
+        }
+    }
+    Ok(())
+}
+
+/// One spool file this worker holds (its own, or one it adopted).
+struct SpoolFile {
+    path: String,
+    file: File,
+    /// Bytes in the file (where the next append goes, for the worker's own file).
+    size: u64,
+    /// Where replay reads next (an entry boundary).
+    read_at: u64,
+    /// Torn or corrupt entries found in it so far (logged once per file).
+    skipped: usize,
+}
+
+impl SpoolFile {
+    fn unread(&self) -> u64 {
+        self.size.saturating_sub(self.read_at)
+    }
+}
+
+/// Which file a replay write reads from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Own,
+    Adopted,
+}
+
+/// The write a spool has in flight.
+struct Replay {
+    request: *mut ngx_http_request_t,
+    capture: *mut WriteCapture,
+    source: Source,
+    /// Where the file's read position goes once the sink stored the chunk.
+    end: u64,
+    lines: usize,
+}
+
+/// The request-less connection a spool's replay requests run on (built like the fake
+/// connections of HTTP/2 streams: no socket, events that never fire, a log of its own).
+struct FakeConnection {
+    c: ngx_connection_t,
+    read: ngx_event_t,
+    write: ngx_event_t,
+    log: ngx_log_t,
+    log_ctx: ngx_http_log_ctx_t,
+    hc: ngx_http_connection_t,
+    sockaddr: ngx::ffi::sockaddr_in,
+}
+
+/// This worker's state of one spool.
+struct Spool {
+    cycle: usize,
+    server: usize,
+    uri: String,
+    conf: Arc<SpoolConf>,
+    limits: BatchLimits,
+    identity: String,
+    id: u64,
+    conf_ctx: *mut ngx_http_conf_ctx_t,
+    /// The worker's own file, created when the first line is spooled.
+    own: Option<SpoolFile>,
+    /// Files of workers that are gone, oldest first.
+    adopted: VecDeque<SpoolFile>,
+    /// Bytes in other live workers' files for this sink, at the last look at the directory.
+    others_bytes: u64,
+    /// Lines appended to the worker's own file and not yet flushed to disk (background mode).
+    dirty: bool,
+    /// Whether the spool holds lines (for the "started filling" / "drained" log lines).
+    filling: bool,
+    /// Lines replayed since the spool started filling.
+    replayed_lines: u64,
+    /// Most lines a replay write carries (halved on a 413, back to the limit after a success).
+    max_lines: usize,
+    replay: Option<Replay>,
+    /// The retry timer and the "replay now" posted event.
+    event: Box<ngx_event_t>,
+    fake: Box<FakeConnection>,
+}
+
+thread_local! {
+    /// The worker's spools. Only ever added to; an index stays valid for the worker's life.
+    static SPOOLS: RefCell<Vec<Spool>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_spool<T>(index: usize, f: impl FnOnce(&mut Spool) -> T) -> T {
+    SPOOLS.with(|spools| f(&mut spools.borrow_mut()[index]))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn exiting() -> bool {
+    // SAFETY: process-wide flags nginx sets from its signal handling, only read here.
+    unsafe { ngx_exiting != 0 || ngx_terminate != 0 || ngx_quit != 0 }
+}
+
+fn cycle_log() -> *mut ngx_log_t {
+    // SAFETY: `ngx_cycle` is valid in a worker; its log too.
+    unsafe { (*ngx_cycle).log }
+}
+
+/// The index of this worker's spool for a sink (`server`, `uri`, spooling into `dir`), created
+/// on first use from the configuration's registry; `None` when the sink has no spool.
+pub fn spool_for(server: usize, uri: &str, dir: &str) -> Option<usize> {
+    // SAFETY: nginx sets `ngx_cycle` before any request runs; only read here.
+    let cycle = unsafe { ngx_cycle } as usize;
+    let found = SPOOLS.with(|spools| {
+        spools.borrow().iter().position(|s| {
+            s.cycle == cycle && s.server == server && s.uri == uri && s.conf.dir == dir
+        })
+    });
+    if found.is_some() {
+        return found;
+    }
+    // SAFETY: as above.
+    let mcf = HttpAnalyticsModule::main_conf(unsafe { &*ngx_cycle })?;
+    let sink = mcf
+        .spool_sinks
+        .iter()
+        .find(|s| s.server == server && s.uri == uri && s.conf.dir == dir)?;
+    Some(add_spool(cycle, sink))
+}
+
+fn add_spool(cycle: usize, sink: &SpoolSink) -> usize {
+    // SAFETY: all zeroes is the valid unused state of these C structs (nginx allocates them
+    // zeroed too); they are filled in by `FakeConnection::init` and `add_spool`.
+    let fake: Box<FakeConnection> = Box::new(unsafe { std::mem::zeroed() });
+    // SAFETY: as above.
+    let event: Box<ngx_event_t> = Box::new(unsafe { std::mem::zeroed() });
+    let index = SPOOLS.with(|spools| {
+        let mut spools = spools.borrow_mut();
+        spools.push(Spool {
+            cycle,
+            server: sink.server,
+            uri: sink.uri.clone(),
+            conf: Arc::clone(&sink.conf),
+            limits: sink.limits,
+            identity: sink.identity.clone(),
+            id: sink_id(&sink.identity),
+            conf_ctx: sink.conf_ctx,
+            own: None,
+            adopted: VecDeque::new(),
+            others_bytes: 0,
+            dirty: false,
+            filling: false,
+            replayed_lines: 0,
+            max_lines: sink.limits.max_lines.max(1),
+            replay: None,
+            event,
+            fake,
+        });
+        spools.len() - 1
+    });
+    with_spool(index, |spool| {
+        let event = &mut *spool.event;
+        event.handler = Some(spool_event);
+        event.data = index as *mut c_void;
+        event.log = cycle_log();
+        // The retry timer must not hold up a worker's graceful exit.
+        event.set_cancelable(1);
+        spool.fake.init(spool.conf_ctx);
+    });
+    index
+}
+
+impl FakeConnection {
+    /// Wires the connection's parts together once; it stays at this address (boxed) for the
+    /// worker's life.
+    fn init(&mut self, conf_ctx: *mut ngx_http_conf_ctx_t) {
+        let c: *mut ngx_connection_t = &mut self.c;
+        // SAFETY: a copy of the cycle's log, so that error lines go where the worker's go;
+        // `ngx_http_create_request` then points it at the server block's `error_log`.
+        self.log = unsafe { *cycle_log() };
+        self.log.data = ptr::addr_of_mut!(self.log_ctx).cast();
+        self.log.handler = Some(replay_log_handler);
+        self.log.action = ptr::null_mut();
+        self.log_ctx.connection = c;
+        for (event, write) in [(&mut self.read, 0), (&mut self.write, 1)] {
+            event.data = c.cast();
+            event.log = &mut self.log;
+            event.handler = Some(ignore_event);
+            event.set_write(write);
+            // Always ready, and "active" so that nginx never adds this socketless connection
+            // to the event loop (ngx_http_upstream_init does, for a client connection not yet
+            // there) nor arms a send timer on it.
+            event.set_ready(1);
+            event.set_active(1);
+        }
+        self.sockaddr.sin_family = ngx::ffi::AF_INET as _;
+        self.sockaddr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        static ADDR_TEXT: &[u8] = b"127.0.0.1";
+        self.hc.conf_ctx = conf_ctx;
+        self.c.fd = -1;
+        self.c.read = &mut self.read;
+        self.c.write = &mut self.write;
+        self.c.log = &mut self.log;
+        self.c.sockaddr = ptr::addr_of_mut!(self.sockaddr).cast();
+        self.c.local_sockaddr = ptr::addr_of_mut!(self.sockaddr).cast();
+        self.c.socklen = size_of::<ngx::ffi::sockaddr_in>() as _;
+        self.c.local_socklen = size_of::<ngx::ffi::sockaddr_in>() as _;
+        self.c.addr_text = ngx_str_t {
+            len: ADDR_TEXT.len(),
+            data: ADDR_TEXT.as_ptr().cast_mut(),
+        };
+        self.c.set_sndlowat(1);
+        self.c
+            .set_tcp_nodelay(ngx::ffi::ngx_connection_tcp_nodelay_e_NGX_TCP_NODELAY_DISABLED);
+    }
+}
+
+/// Event handler of the fake connection's read and write events, which nothing should fire.
+unsafe extern "C" fn ignore_event(_ev: *mut ngx_event_t) {}
+
+/// Adds the spool replay to error lines logged on its requests (nginx's own HTTP log handler
+/// would print the client's address and request line, which a replay has not).
+unsafe extern "C" fn replay_log_handler(
+    log: *mut ngx_log_t,
+    buf: *mut u_char,
+    len: usize,
+) -> *mut u_char {
+    let mut text = String::new();
+    // SAFETY: nginx passes the log it is writing a line for; `action` is NULL or a C string.
+    if let Some(action) = unsafe { log.as_ref() }.and_then(|l| (!l.action.is_null()).then_some(l.action)) {
+        // SAFETY: as above.
+        let action = unsafe { std::ffi::CStr::from_ptr(action.cast::<c_char>()) };
+        text.push_str(" while ");
+        text.push_str(&action.to_string_lossy());
+        text.push(',');
+    }
+    text.push_str(" replaying the analytics spool");
+    let n = text.len().min(len);
+    // SAFETY: nginx gives `len` bytes of room at `buf`.
+    unsafe {
+        ptr::copy_nonoverlapping(text.as_ptr(), buf, n);
+        buf.add(n)
+    }
+}
+
+/// `init_process`: sets up this worker's spools of the configuration and looks for files left
+/// by earlier workers soon after start (staggered by worker, so that two workers do not scan
+/// at the same moment).
+pub fn init_process(cycle: &ngx_cycle_t) {
+    let Some(mcf) = HttpAnalyticsModule::main_conf(cycle) else {
+        return;
+    };
+    // SAFETY: only read.
+    let worker = unsafe { ngx::ffi::ngx_worker };
+    for sink in &mcf.spool_sinks {
+        let Some(index) = spool_for(sink.server, &sink.uri, &sink.conf.dir) else {
+            continue;
+        };
+        with_spool(index, |spool| {
+            // SAFETY: the spool's event lives in its box for the worker's life.
+            unsafe { ngx_add_timer(&mut *spool.event, (10 + 50 * worker.min(40)) as _) };
+        });
+    }
+}
+
+/// Why lines could not be spooled (already logged).
+#[derive(Debug)]
+pub struct NotSpooled;
+
+/// Appends `lines` to this worker's file of spool `index`; with `durable`, flushed to disk
+/// (`fdatasync`) before it returns. Refusals and errors are logged with the number of points
+/// not stored.
+pub fn append(index: usize, lines: &[&[u8]], durable: bool) -> Result<(), NotSpooled> {
+    let result = with_spool(index, |spool| spool.append(lines, durable));
+    if result.is_ok() {
+        // A first line makes sure the retry timer runs (it may have stopped when empty).
+        arm_timer(index);
+    }
+    result
+}
+
+/// Whether spool `index` holds lines not yet written (the sink failed lately).
+pub fn has_backlog(index: usize) -> bool {
+    with_spool(index, |spool| spool.backlog() > 0)
+}
+
+/// A beacon's write to the spool's sink succeeded: replay at once if anything is spooled.
+pub fn write_succeeded(index: usize) {
+    with_spool(index, |spool| {
+        if spool.backlog() > 0 && spool.replay.is_none() && spool.event.posted() == 0 {
+            // SAFETY: the event lives in the spool's box for the worker's life.
+            unsafe { ngx_post_event(&mut *spool.event, ptr::addr_of_mut!(ngx_posted_events)) };
+        }
+    });
+}
+
+fn arm_timer(index: usize) {
+    with_spool(index, |spool| {
+        if spool.event.timer_set() == 0 && !exiting() {
+            // SAFETY: as above.
+            unsafe { ngx_add_timer(&mut *spool.event, spool.conf.retry_ms as _) };
+        }
+    });
+}
+
+impl Spool {
+    /// Bytes not yet replayed, in the worker's own and adopted files.
+    fn backlog(&self) -> u64 {
+        self.own.as_ref().map_or(0, SpoolFile::unread)
+            + self.adopted.iter().map(SpoolFile::unread).sum::<u64>()
+    }
+
+    /// Bytes the sink's spool files take on disk, as far as this worker knows.
+    fn disk_bytes(&self) -> u64 {
+        self.own.as_ref().map_or(0, |f| f.size)
+            + self.adopted.iter().map(|f| f.size).sum::<u64>()
+            + self.others_bytes
+    }
+
+    fn log(&self) -> *mut ngx_log_t {
+        cycle_log()
+    }
+
+    fn append(&mut self, lines: &[&[u8]], durable: bool) -> Result<(), NotSpooled> {
+        let mut entries = Vec::with_capacity(lines.iter().map(|l| l.len() + ENTRY_OVERHEAD).sum());
+        for line in lines {
+            encode_entry(line, &mut entries);
+        }
+        let refuse = |spool: &Spool, why: &str| {
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { spool.log().as_mut() } {
+                ngx_log_error!(
+                    NGX_LOG_ERR,
+                    log,
+                    "analytics: spool for \"{}\" in \"{}\" {why}, {} point(s) not stored",
+                    spool.uri,
+                    spool.conf.dir,
+                    lines.len()
+                );
+            }
+            NotSpooled
+        };
+        if self.disk_bytes() + entries.len() as u64 > self.conf.max_size {
+            let why = format!("is full (max_size={})", human_size(self.conf.max_size));
+            return Err(refuse(self, &why));
+        }
+        if self.own.is_none() {
+            match self.create_own_file() {
+                Ok(file) => self.own = Some(file),
+                Err(e) => return Err(refuse(self, &format!("could not create a file: {e}"))),
+            }
+        }
+        let Some(own) = self.own.as_mut() else {
+            return Err(NotSpooled);
+        };
+        let written = own.file.write_all(&entries).and_then(|()| match durable {
+            true => own.file.sync_data(),
+            false => Ok(()),
+        });
+        if let Err(e) = written {
+            // Cut off whatever part of the entries reached the file (a full disk).
+            let _ = own.file.set_len(own.size);
+            let path = own.path.clone();
+            return Err(refuse(self, &format!("could not write to \"{path}\": {e}")));
+        }
+        own.size += entries.len() as u64;
+        self.dirty |= !durable;
+        if !self.filling {
+            self.filling = true;
+            self.replayed_lines = 0;
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { self.log().as_mut() } {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    log,
+                    "analytics: spool for \"{}\" started filling in \"{}\": the sink failed, \
+                     lines are kept on disk and written again every {} ms",
+                    self.uri,
+                    self.conf.dir,
+                    self.conf.retry_ms
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn create_own_file(&self) -> std::io::Result<SpoolFile> {
+        // SAFETY: the worker's pid, set at its start; only read.
+        let pid = unsafe { ngx_pid } as u32;
+        let path = format!("{}/{}", self.conf.dir, file_name(self.id, pid, now_ms()));
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.try_lock().map_err(std::io::Error::other)?;
+        // The new name must survive a crash as well as the lines in it.
+        File::open(&self.conf.dir)?.sync_all()?;
+        Ok(SpoolFile {
+            path,
+            file,
+            size: 0,
+            read_at: 0,
+            skipped: 0,
+        })
+    }
+
+    /// Looks at the directory: adopts the sink's files no live worker holds, and notes how much
+    /// the others hold.
+    fn scan(&mut self) {
+        let Ok(entries) = fs::read_dir(&self.conf.dir) else {
+            return;
+        };
+        let own_path = self.own.as_ref().map(|f| f.path.clone());
+        let mut others = 0;
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some((id, _, millis)) = parse_file_name(name) else {
+                continue;
+            };
+            if id != self.id {
+                continue;
+            }
+            let path = format!("{}/{name}", self.conf.dir);
+            if Some(&path) == own_path.as_ref() || self.adopted.iter().any(|f| f.path == path) {
+                continue;
+            }
+            let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else {
+                continue;
+            };
+            let size = file.metadata().map_or(0, |m| m.len());
+            match file.try_lock() {
+                Ok(()) => found.push((millis, path, file, size)),
+                Err(_) => others += size,
+            }
+        }
+        self.others_bytes = others;
+        found.sort_by_key(|(millis, ..)| *millis);
+        for (_, path, file, size) in found {
+            if size == 0 {
+                // An empty file of a worker that is gone.
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { self.log().as_mut() } {
+                ngx_log_error!(
+                    NGX_LOG_NOTICE,
+                    log,
+                    "analytics: spool for \"{}\" adopted \"{path}\" ({}) left by a worker that \
+                     is gone",
+                    self.uri,
+                    human_size(size)
+                );
+            }
+            if !self.filling {
+                self.filling = true;
+                self.replayed_lines = 0;
+            }
+            self.adopted.push_back(SpoolFile {
+                path,
+                file,
+                size,
+                read_at: 0,
+                skipped: 0,
+            });
+        }
+    }
+
+    /// Reads the next replay chunk: from the oldest adopted file with lines left, else from the
+    /// worker's own file. Drained adopted files are removed on the way.
+    fn next_chunk(&mut self) -> Option<(Source, u64, Vec<u8>, usize)> {
+        let max_lines = self.max_lines;
+        let max_bytes = self.limits.max_bytes;
+        loop {
+            while self.adopted.front().is_some_and(|f| f.unread() == 0) {
+                if let Some(done) = self.adopted.pop_front() {
+                    let _ = fs::remove_file(&done.path);
+                }
+            }
+            let (source, file) = match self.adopted.front_mut() {
+                Some(file) => (Source::Adopted, file),
+                None => match self.own.as_mut() {
+                    Some(file) if file.unread() > 0 => (Source::Own, file),
+                    _ => return None,
+                },
+            };
+            let unread = file.unread() as usize;
+            let mut window = unread.min(max_bytes.saturating_add(64 * 1024));
+            let chunk;
+            loop {
+                let mut buf = vec![0; window];
+                if let Err(e) = file.file.read_exact_at(&mut buf, file.read_at) {
+                    log_file_error(&file.path, &e);
+                    // Unreadable from here: give up on the rest of this file.
+                    file.read_at = file.size;
+                    chunk = None;
+                    break;
+                }
+                let c = read_chunk(&buf, window == unread, max_lines, max_bytes);
+                if c.consumed == 0 && window < unread {
+                    window = unread.min(max_bytes.saturating_add(MAX_ENTRY + 1));
+                    continue;
+                }
+                chunk = Some(c);
+                break;
+            }
+            let Some(chunk) = chunk else { continue };
+            if !chunk.skipped_at.is_empty() {
+                if file.skipped == 0 {
+                    let at = file.read_at + chunk.skipped_at[0] as u64;
+                    // SAFETY: the cycle's log.
+                    if let Some(log) = unsafe { cycle_log().as_mut() } {
+                        ngx_log_error!(
+                            NGX_LOG_ERR,
+                            log,
+                            "analytics: spool file \"{}\" has a torn or corrupt entry at byte \
+                             {at}, skipped (further ones in this file are skipped silently)",
+                            file.path
+                        );
+                    }
+                }
+                file.skipped += chunk.skipped_at.len();
+            }
+            let end = file.read_at + chunk.consumed as u64;
+            if chunk.lines == 0 {
+                file.read_at = end;
+                continue;
+            }
+            return Some((source, end, chunk.body, chunk.lines));
+        }
+    }
+
+    /// The spool is empty again: logs it and gives the worker's own file back its space.
+    fn drained(&mut self) {
+        if let Some(own) = self.own.as_mut() {
+            if own.size > 0 && own.unread() == 0 {
+                if own.file.set_len(0).is_ok() {
+                    own.size = 0;
+                    own.read_at = 0;
+                }
+            }
+        }
+        if self.filling && self.backlog() == 0 {
+            self.filling = false;
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { self.log().as_mut() } {
+                ngx_log_error!(
+                    NGX_LOG_NOTICE,
+                    log,
+                    "analytics: spool for \"{}\" drained: {} line(s) written again",
+                    self.uri,
+                    self.replayed_lines
+                );
+            }
+        }
+    }
+}
+
+fn log_file_error(path: &str, e: &std::io::Error) {
+    // SAFETY: the cycle's log.
+    if let Some(log) = unsafe { cycle_log().as_mut() } {
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            log,
+            "analytics: spool file \"{path}\" could not be read: {e}; the rest of it is skipped"
+        );
+    }
+}
+
+/// The spool's event: the retry timer (looks at the directory, logs the backlog, flushes
+/// background lines to disk, replays) or a posted "replay now".
+unsafe extern "C" fn spool_event(ev: *mut ngx_event_t) {
+    // SAFETY: `data` holds the spool's index, set by `add_spool`.
+    let (index, timed_out) = unsafe { ((*ev).data as usize, (*ev).timedout() != 0) };
+    // SAFETY: as above.
+    unsafe { (*ev).set_timedout(0) };
+    no_panic((), || {
+        if timed_out {
+            retry_tick(index);
+        }
+        replay_next(index);
+    });
+}
+
+fn retry_tick(index: usize) {
+    with_spool(index, |spool| {
+        if spool.dirty {
+            if let Some(own) = spool.own.as_mut() {
+                let _ = own.file.sync_data();
+            }
+            spool.dirty = false;
+        }
+        if exiting() {
+            return;
+        }
+        spool.scan();
+        let backlog = spool.backlog();
+        if backlog > 0 {
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { spool.log().as_mut() } {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    log,
+                    "analytics: spool for \"{}\" in \"{}\": {} waiting in {} file(s), writing \
+                     again",
+                    spool.uri,
+                    spool.conf.dir,
+                    human_size(backlog),
+                    spool.adopted.len() + usize::from(spool.own.is_some())
+                );
+            }
+        }
+        if backlog > 0 || spool.others_bytes > 0 {
+            // SAFETY: the event lives in the spool's box for the worker's life.
+            unsafe { ngx_add_timer(&mut *spool.event, spool.conf.retry_ms as _) };
+        }
+    });
+}
+
+/// Starts the next replay write of spool `index`, if it has lines, none is in flight and the
+/// worker is not exiting.
+fn replay_next(index: usize) {
+    let next = with_spool(index, |spool| {
+        if spool.replay.is_some() || exiting() {
+            return None;
+        }
+        match spool.next_chunk() {
+            Some(chunk) => Some(chunk),
+            None => {
+                spool.drained();
+                None
+            }
+        }
+    });
+    let Some((source, end, body, lines)) = next else {
+        return;
+    };
+    let (fake, uri) = with_spool(index, |spool| {
+        (
+            ptr::from_mut::<FakeConnection>(&mut spool.fake),
+            ptr::from_ref::<str>(spool.uri.as_str()),
+        )
+    });
+    // SAFETY: the fake connection is boxed and the URI's bytes never change: both stay where
+    // they are for the worker's life, even when the spool table grows. No borrow of the table
+    // is held while nginx runs (a freed request's cleanup looks into it). The request made
+    // here is freed by `replay_finished`, or by nginx (then `replay_request_gone` runs).
+    let started = unsafe { start_replay(&mut *fake, &*uri, index, &body) };
+    match started {
+        Ok((request, capture)) => {
+            with_spool(index, |spool| {
+                spool.replay = Some(Replay {
+                    request,
+                    capture,
+                    source,
+                    end,
+                    lines,
+                })
+            });
+            // SAFETY: the fake connection lives in the spool's box; nginx runs the
+            // subrequest just posted (no borrow of the spool table is held here).
+            let c = with_spool(index, |spool| ptr::addr_of_mut!(spool.fake.c));
+            unsafe { ngx_http_run_posted_requests(c) };
+        }
+        Err(why) => {
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { cycle_log().as_mut() } {
+                ngx_log_error!(NGX_LOG_ERR, log, "analytics: spool replay not started: {why}");
+            }
+            arm_timer(index);
+        }
+    }
+}
+
+/// Makes a request of the module's own on the spool's fake connection and starts the write of
+/// `body` to `uri` from it.
+///
+/// # Safety
+/// `fake` must have been set up by [`FakeConnection::init`] and stay in place, like `uri`,
+/// for as long as the request lives.
+unsafe fn start_replay(
+    fake: &mut FakeConnection,
+    uri: &'static str,
+    index: usize,
+    body: &[u8],
+) -> Result<(*mut ngx_http_request_t, *mut WriteCapture), &'static str> {
+    let c: *mut ngx_connection_t = &mut fake.c;
+    // SAFETY: the fake connection is set up; every replay request gets a fresh connection pool
+    // (nginx destroys it if it ever closes this connection itself).
+    unsafe {
+        (*c).pool = ngx_create_pool(1024, (*c).log);
+        if (*c).pool.is_null() {
+            return Err("could not allocate memory");
+        }
+        (*c).set_destroyed(0);
+        (*c).data = ptr::addr_of_mut!(fake.hc).cast();
+    }
+    // SAFETY: `c->data` is an HTTP connection whose `conf_ctx` is the server block's
+    // configuration; nginx creates the request (pool, variables, headers out) as for a client.
+    let r = unsafe { ngx_http_create_request(c) };
+    if r.is_null() {
+        // SAFETY: the pool created above, not used by anything else.
+        unsafe { ngx_destroy_pool((*c).pool) };
+        return Err("could not create a request");
+    }
+    // SAFETY: `r` is the new, valid request; it is this connection's request from now on.
+    unsafe {
+        (*c).data = r.cast();
+        // Not a client's request: nothing of it goes to the access log.
+        (*r).set_logged(1);
+        (*r).method = NGX_HTTP_POST as ngx_uint_t;
+        let uri_str = ngx_str_t {
+            len: uri.len(),
+            data: uri.as_ptr().cast_mut(),
+        };
+        (*r).uri = uri_str;
+        (*r).unparsed_uri = uri_str;
+        (*r).write_event_handler = Some(replay_finished);
+        if ngx_list_init(
+            &mut (*r).headers_in.headers,
+            (*r).pool,
+            2,
+            size_of::<ngx_table_elt_t>(),
+        ) != NGX_OK
+        {
+            free_replay_request(r);
+            return Err("could not allocate memory");
+        }
+        let Some(cleanup) = ngx_pool_cleanup_add((*r).pool, 0).as_mut() else {
+            free_replay_request(r);
+            return Err("could not allocate memory");
+        };
+        cleanup.handler = Some(replay_request_gone);
+        cleanup.data = index as *mut c_void;
+    }
+    // SAFETY: `r` is valid; the write subrequest is created from it like from a beacon.
+    let request = unsafe { Request::from_ngx_http_request(r) };
+    match start_write(request, uri, body) {
+        Ok(capture) => Ok((r, capture)),
+        Err(_) => {
+            // SAFETY: no subrequest exists; the request is ours to free.
+            unsafe { free_replay_request(r) };
+            Err("could not create the write subrequest")
+        }
+    }
+}
+
+/// Frees a replay request and its connection pool (the fake connection itself stays).
+///
+/// # Safety
+/// `r` must be a replay request that no subrequest of is running any more.
+unsafe fn free_replay_request(r: *mut ngx_http_request_t) {
+    // SAFETY: the caller guarantees `r`; its connection is the spool's fake connection, whose
+    // pool was created for this request alone.
+    unsafe {
+        let c = (*r).connection;
+        ngx_http_free_request(r, 0);
+        ngx_destroy_pool((*c).pool);
+        (*c).pool = ptr::null_mut();
+    }
+}
+
+/// Write handler of a replay request: runs when its subrequest is done (and possibly earlier:
+/// then there is nothing to do yet).
+unsafe extern "C" fn replay_finished(r: *mut ngx_http_request_t) {
+    no_panic((), || {
+        let Some(index) = SPOOLS.with(|spools| {
+            spools
+                .borrow()
+                .iter()
+                .position(|s| s.replay.as_ref().is_some_and(|p| p.request == r))
+        }) else {
+            return;
+        };
+        let done = with_spool(index, |spool| {
+            let Some(replay) = spool.replay.as_ref() else {
+                return false;
+            };
+            // SAFETY: the capture lives in the replay request's pool, alive while the request
+            // is; `r` is that request, and only its own reference is left once the subrequest
+            // finished and handed control back.
+            unsafe { (*replay.capture).done && (*r).count() == 1 && (*r).postponed.is_null() }
+        });
+        if !done {
+            return;
+        }
+        let Some(replay) = with_spool(index, |spool| spool.replay.take()) else {
+            return;
+        };
+        // SAFETY: as above: the capture is alive until the request is freed below.
+        let capture = unsafe { &*replay.capture };
+        let status = capture.status;
+        let message = capture.message();
+        let unknown = capture.outcome_unknown();
+        // SAFETY: the subrequest is finished; the request is freed once, here (its pool
+        // cleanup then finds no replay in flight).
+        unsafe { free_replay_request(r) };
+        take_outcome(index, &replay, status, unknown, &message);
+    });
+}
+
+/// Pool cleanup of a replay request: nginx freed it before the write finished (it terminated
+/// the request). The chunk is written again later.
+unsafe extern "C" fn replay_request_gone(data: *mut c_void) {
+    no_panic((), || {
+        let index = data as usize;
+        let gone = SPOOLS.with(|spools| {
+            let mut spools = spools.borrow_mut();
+            let spool = spools.get_mut(index)?;
+            spool.replay.take()
+        });
+        if gone.is_some() {
+            arm_timer(index);
+        }
+    });
+}
+
+/// What the sink said to a replay write: on success the read position moves on and the next
+/// chunk follows at once; a 413 halves the chunks; a failure worth retrying waits for the next
+/// retry; any other answer drops the chunk (logged), as a beacon's batch would.
+fn take_outcome(index: usize, replay: &Replay, status: usize, unknown: bool, message: &str) {
+    let outcome = match unknown {
+        true => ChunkOutcome::Failed,
+        false => ChunkOutcome::from_status(status),
+    };
+    let advance = |spool: &mut Spool| {
+        let file = match replay.source {
+            Source::Own => spool.own.as_mut(),
+            Source::Adopted => spool.adopted.front_mut(),
+        };
+        if let Some(file) = file {
+            file.read_at = file.read_at.max(replay.end);
+        }
+    };
+    let go_on = with_spool(index, |spool| match outcome {
+        ChunkOutcome::Stored => {
+            advance(spool);
+            spool.replayed_lines += replay.lines as u64;
+            spool.max_lines = spool.limits.max_lines.max(1);
+            true
+        }
+        ChunkOutcome::TooLarge if replay.lines > 1 => {
+            spool.max_lines = (replay.lines / 2).max(1);
+            true
+        }
+        _ if !unknown && !worth_retrying(status) => {
+            advance(spool);
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { cycle_log().as_mut() } {
+                ngx_log_error!(
+                    NGX_LOG_ERR,
+                    log,
+                    "analytics: spool replay to \"{}\" failed: sink answered {status}: {message}, \
+                     {} point(s) not stored",
+                    spool.uri,
+                    replay.lines
+                );
+            }
+            true
+        }
+        _ => false,
+    });
+    if go_on {
+        with_spool(index, |spool| {
+            if spool.event.posted() == 0 {
+                // SAFETY: the event lives in the spool's box for the worker's life.
+                unsafe { ngx_post_event(&mut *spool.event, ptr::addr_of_mut!(ngx_posted_events)) };
+            }
+        });
+    } else {
+        arm_timer(index);
+    }
+}
+
+/// Whether a failed write is worth retrying: no answer (refused, timed out), 5xx or 429. Other
+/// 4xx (a bad line, a missing database, bad credentials) would fail again the same way.
+pub fn worth_retrying(status: usize) -> bool {
+    status == 0 || status == 429 || (500..=599).contains(&status)
+}
+
+/// `exit_process`: flushes the worker's own spool files; a drained one is removed, one with
+/// lines left stays for the next worker to adopt.
+pub fn exit_process() {
+    SPOOLS.with(|spools| {
+        for spool in spools.borrow_mut().iter_mut() {
+            let Some(own) = spool.own.as_mut() else {
+                continue;
+            };
+            if own.unread() == 0 {
+                let _ = fs::remove_file(&own.path);
+                continue;
+            }
+            let _ = own.file.sync_data();
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { cycle_log().as_mut() } {
+                ngx_log_error!(
+                    NGX_LOG_NOTICE,
+                    log,
+                    "analytics: spool for \"{}\": {} left in \"{}\" for the next worker",
+                    spool.uri,
+                    human_size(own.unread()),
+                    own.path
+                );
+            }
+        }
+    });
+}
+
