@@ -400,13 +400,27 @@ enum Disruption {
 /// InfluxDB is stopped for [`OUTAGE`] while beacons flow to nginx (2 workers, `mode`), with
 /// `disruption` half-way through; the clients stop before InfluxDB returns. Then every beacon
 /// answered 204 is stored exactly once, without any new beacon, and the spool drains.
-fn outage(mode: &str, disruption: Disruption) {
-    let what = format!("{mode} mode, {disruption:?}");
+///
+/// With `proxy`, nginx writes through a forwarding [`FakeSink`] (a proxy in front of InfluxDB
+/// that answers 503 while InfluxDB is down) which records every write: once InfluxDB is back,
+/// no line may reach it twice (InfluxDB itself would hide a second copy of a line: same
+/// point), so no spool file is replayed twice, by one worker or by two.
+fn outage(mode: &str, disruption: Disruption, proxy: bool) {
+    let what = format!(
+        "{mode} mode, {disruption:?}{}",
+        if proxy { ", behind a proxy" } else { "" }
+    );
     let mut influx = Influx::start();
     influx.create_database(DB);
+    let audit = proxy.then(|| {
+        let sink = FakeSink::start();
+        sink.set_forward(Some(&influx.addr()));
+        sink
+    });
+    let upstream_port = audit.as_ref().map_or(influx.port(), FakeSink::port);
     let port = free_port();
     let conf = http_block(
-        influx.port(),
+        upstream_port,
         &server(port, "sink", mode, &format!("spool retry={RETRY}")),
     );
     let mut nginx = Nginx::start_with(master_on(2), &conf);
@@ -469,6 +483,9 @@ fn outage(mode: &str, disruption: Disruption) {
     let workers = nginx.worker_pids();
     let spooled_before_return = spool_bytes(&spool_dir);
     influx.restart();
+    if let Some(audit) = &audit {
+        audit.clear_requests();
+    }
 
     let answered: BTreeSet<String> = outcomes
         .iter()
@@ -534,6 +551,29 @@ fn outage(mode: &str, disruption: Disruption) {
         "{what}: lines were in the spool when InfluxDB returned"
     );
     assert_spool_drains(&spool_dir, &what);
+    if let Some(audit) = &audit {
+        let mut sent_to_influx: HashMap<String, usize> = HashMap::new();
+        for line in written_lines(audit) {
+            *sent_to_influx.entry(line).or_default() += 1;
+        }
+        let replayed_twice: Vec<(&String, &usize)> =
+            sent_to_influx.iter().filter(|(_, &n)| n > 1).collect();
+        eprintln!(
+            "{what}: {} lines written to InfluxDB after it returned, {} of them twice",
+            sent_to_influx.len(),
+            replayed_twice.len()
+        );
+        assert!(
+            !sent_to_influx.is_empty(),
+            "{what}: the spool was replayed through the proxy"
+        );
+        assert!(
+            replayed_twice.is_empty(),
+            "{what}: {} line(s) replayed more than once, e.g. {:?}",
+            replayed_twice.len(),
+            &replayed_twice[..replayed_twice.len().min(3)]
+        );
+    }
 
     // The error log tells the story.
     for needle in ["started filling", "waiting", "drained"] {
@@ -561,42 +601,47 @@ fn outage(mode: &str, disruption: Disruption) {
 
 #[test]
 fn influxdb_down_20s_wait_mode_every_204_is_stored_once_and_the_spool_drains_alone() {
-    outage("wait", Disruption::None);
+    outage("wait", Disruption::None, false);
 }
 
 #[test]
 fn influxdb_down_20s_background_mode_every_204_is_stored_once_and_the_spool_drains_alone() {
-    outage("background", Disruption::None);
+    outage("background", Disruption::None, false);
+}
+
+#[test]
+fn influxdb_down_behind_a_proxy_answering_503_each_spooled_line_is_replayed_once() {
+    outage("background", Disruption::None, true);
 }
 
 #[test]
 fn influxdb_down_with_a_worker_killed_wait_mode_loses_nothing() {
-    outage("wait", Disruption::KillWorker);
+    outage("wait", Disruption::KillWorker, false);
 }
 
 #[test]
 fn influxdb_down_with_a_worker_killed_background_mode_loses_nothing() {
-    outage("background", Disruption::KillWorker);
+    outage("background", Disruption::KillWorker, false);
 }
 
 #[test]
 fn influxdb_down_with_a_reload_wait_mode_loses_nothing() {
-    outage("wait", Disruption::Reload);
+    outage("wait", Disruption::Reload, false);
 }
 
 #[test]
 fn influxdb_down_with_a_reload_background_mode_loses_nothing() {
-    outage("background", Disruption::Reload);
+    outage("background", Disruption::Reload, false);
 }
 
 #[test]
 fn influxdb_down_with_an_nginx_restart_wait_mode_loses_nothing() {
-    outage("wait", Disruption::Restart);
+    outage("wait", Disruption::Restart, false);
 }
 
 #[test]
 fn influxdb_down_with_an_nginx_restart_background_mode_loses_nothing() {
-    outage("background", Disruption::Restart);
+    outage("background", Disruption::Restart, false);
 }
 
 // ---------------------------------------------------------------------------------------------
