@@ -64,6 +64,7 @@ use crate::request::{
     answer_write_outcome, metrics, no_panic, outcome, record, request_ctx_ptr, send_response,
     status, RequestCtx, NGX_DONE,
 };
+use crate::spool;
 use crate::subrequest::{start_write, WriteCapture};
 use crate::HttpAnalyticsModule;
 
@@ -134,6 +135,10 @@ struct Sink {
     /// Lines nobody waits on any more (their requests went away before they were written);
     /// they go with the next batch.
     carried: LineBatch,
+    /// This worker's disk spool for the sink, if it has one (`analytics_spool`).
+    spool: Option<usize>,
+    /// The spool directory (part of the key: a location may turn the spool off).
+    spool_dir: Option<String>,
 }
 
 thread_local! {
@@ -148,7 +153,13 @@ fn with_sink<T>(index: usize, f: impl FnOnce(&mut Sink) -> T) -> T {
 }
 
 /// The index of the sink for this key, added on first use.
-fn sink_index(server: usize, uri: &str, mode: WriteMode, limits: BatchLimits) -> usize {
+fn sink_index(
+    server: usize,
+    uri: &str,
+    mode: WriteMode,
+    limits: BatchLimits,
+    spool_dir: Option<&str>,
+) -> usize {
     // SAFETY: nginx sets `ngx_cycle` before any request runs; it is only read here.
     let cycle = unsafe { ngx_cycle } as usize;
     SINKS.with(|sinks| {
@@ -159,6 +170,7 @@ fn sink_index(server: usize, uri: &str, mode: WriteMode, limits: BatchLimits) ->
                 && sink.mode == mode
                 && sink.limits == limits
                 && sink.uri == uri
+                && sink.spool_dir.as_deref() == spool_dir
         });
         found.unwrap_or_else(|| {
             sinks.push(Sink {
@@ -171,6 +183,8 @@ fn sink_index(server: usize, uri: &str, mode: WriteMode, limits: BatchLimits) ->
                 in_flight: 0,
                 waiting: WaitQueue::new(),
                 carried: LineBatch::new(),
+                spool: spool_dir.and_then(|dir| spool::spool_for(server, uri, dir)),
+                spool_dir: spool_dir.map(str::to_string),
             });
             sinks.len() - 1
         })
@@ -193,6 +207,8 @@ pub enum Submitted {
     Queued,
     /// Queued, but the client is gone (its connection has an error): nobody to answer.
     ClientGone,
+    /// Put straight into the disk spool (`background` mode): finalize with 204 now.
+    Spooled,
     /// nginx refused an allocation.
     Error,
 }
@@ -211,6 +227,7 @@ pub fn submit(
     line: Cow<[u8]>,
     mode: WriteMode,
     limits: BatchLimits,
+    spool_dir: Option<&str>,
 ) -> Submitted {
     let ctx = request_ctx_ptr(request);
     // SAFETY: the content handler created the ctx; it lives in the request pool.
@@ -220,7 +237,17 @@ pub fn submit(
     let r: *mut ngx_http_request_t = request.into();
     // SAFETY: `r` is the valid request being processed.
     let server = unsafe { (*r).srv_conf } as usize;
-    let sink = sink_index(server, uri, mode, limits);
+    let sink = sink_index(server, uri, mode, limits, spool_dir);
+    let spool = with_sink(sink, |sink| sink.spool);
+
+    // `background` mode while this worker's spool for the sink holds lines (the sink failed
+    // lately): the line goes straight to the spool, where it is safe from a killed worker, and
+    // is written when the spool is replayed.
+    if let (WriteMode::Background, Some(spool)) = (mode, spool) {
+        if spool::has_backlog(spool) && spool::append(spool, &[&line], false).is_ok() {
+            return Submitted::Spooled;
+        }
+    }
 
     let gone = client_gone(r);
     if gone {
@@ -247,6 +274,13 @@ pub fn submit(
     });
     let batch: *mut Batch = match open {
         Err(()) => {
+            // `background` mode: rather than holding the answer back until there is room, the
+            // line goes to the spool.
+            if let (WriteMode::Background, Some(spool)) = (mode, spool) {
+                if spool::append(spool, &[&line], false).is_ok() {
+                    return Submitted::Spooled;
+                }
+            }
             // A request woken to submit again keeps its place at the front of the queue.
             let returning = !ctx_ref.request.is_null();
             if !park(r, ctx_ref, ptr::null_mut()) {
@@ -336,8 +370,20 @@ pub fn queue_line(
     uri: &str,
     line: Cow<[u8]>,
 ) -> ngx_int_t {
-    match submit(request, uri, line, lcf.write_mode(), lcf.batch_limits()) {
+    let spool_dir = lcf.spool().map(|spool| spool.dir.as_str());
+    match submit(
+        request,
+        uri,
+        line,
+        lcf.write_mode(),
+        lcf.batch_limits(),
+        spool_dir,
+    ) {
         Submitted::Parked => NGX_DONE,
+        Submitted::Spooled => {
+            record(request, outcome::SPOOLED, "");
+            send_response(request, status::NO_CONTENT, "")
+        }
         Submitted::Queued => {
             record(request, outcome::ACCEPTED, "");
             send_response(request, status::NO_CONTENT, "")
@@ -655,7 +701,31 @@ fn record_answer(
     let outcome = ChunkOutcome::from_status(status);
     // A 413 on a single line cannot be split further: that line fails.
     let single_too_large = outcome == ChunkOutcome::TooLarge && chunk.len() == 1;
-    if outcome == ChunkOutcome::Failed || single_too_large {
+    let spool = with_sink(batch.sink, |sink| sink.spool);
+    let mut spooled = false;
+    if let (ChunkOutcome::Failed, Some(spool)) = (outcome, spool) {
+        if capture.outcome_unknown() || spool::worth_retrying(status) {
+            // `wait` mode answers 204 for these lines: they must be on disk first.
+            let durable = with_sink(batch.sink, |sink| sink.mode == WriteMode::Wait);
+            let lines: Vec<&[u8]> = chunk.clone().map(|i| batch.lines.line(i)).collect();
+            spooled = spool::append(spool, &lines, durable).is_ok();
+        }
+    }
+    if spooled {
+        // SAFETY: NULL or the log of a live request.
+        if let Some(log) = unsafe { log.as_mut() } {
+            let (uri, points) = (sink_uri(batch.sink), chunk.len());
+            let detail = match status {
+                0 => "no answer".to_string(),
+                status => format!("sink answered {status}"),
+            };
+            ngx_log_error!(
+                NGX_LOG_INFO,
+                log,
+                "analytics: write to \"{uri}\" failed: {detail}, {points} point(s) spooled"
+            );
+        }
+    } else if outcome == ChunkOutcome::Failed || single_too_large {
         let message = capture.message();
         let detail = match (status, message.as_str()) {
             (0, _) => "no answer from the sink".to_string(),
@@ -673,7 +743,17 @@ fn record_answer(
             .map_or(0.0, |t| t.elapsed().as_secs_f64());
         counters.count_write(outcome == ChunkOutcome::Stored, chunk.len(), seconds);
     }
-    batch.plan.record(chunk, outcome);
+    match (outcome, spool) {
+        (_, Some(_)) if spooled => {
+            batch.plan.record_spooled(chunk.clone());
+            batch.plan.record(chunk, ChunkOutcome::Failed);
+        }
+        (ChunkOutcome::Stored, Some(spool)) => {
+            spool::write_succeeded(spool);
+            batch.plan.record(chunk, outcome);
+        }
+        _ => batch.plan.record(chunk, outcome),
+    }
 }
 
 fn log_failed_chunk(log: *mut ngx_log_t, uri: &str, points: usize, detail: &str) {
@@ -705,7 +785,8 @@ fn finish(batch: *mut Batch, in_leader: bool) {
         };
         ctx.batch = ptr::null_mut();
         ctx.write_finished = true;
-        ctx.write_failed = !batch.plan.is_stored(member.line);
+        ctx.spooled = batch.plan.is_spooled(member.line);
+        ctx.write_failed = !batch.plan.is_stored(member.line) && !ctx.spooled;
         if member.ctx == batch.leader && in_leader {
             leader_request = ctx.request;
         } else {
@@ -824,10 +905,17 @@ fn leader_gone(batch: *mut Batch, log: *mut ngx_log_t) {
             NGX_LOG_INFO,
             log_ref,
             "analytics: every request of a batch for \"{uri}\" ended before it was written, \
-             {points} point(s) go with the next write"
+             {points} point(s) go with the next write (or to the spool)"
         );
     }
-    carry(sink, &unwritten, log);
+    // With a spool, they wait there (safe from a killed worker, written by its replay).
+    let spooled = match with_sink(sink, |sink| sink.spool) {
+        Some(spool) if !unwritten.is_empty() => spool::append(spool, &unwritten, false).is_ok(),
+        _ => false,
+    };
+    if !spooled {
+        carry(sink, &unwritten, log);
+    }
     drop(unwritten);
     drop(batch);
     flush_open_batch(sink);
@@ -871,6 +959,20 @@ fn wake_waiting(sink: usize) {
 /// Called by nginx with the exiting cycle.
 pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     no_panic((), || {
+        // Lines for a sink with a spool go there, to be written by the next worker.
+        let to_spool: Vec<(usize, LineBatch)> = SINKS.with(|sinks| {
+            sinks
+                .borrow_mut()
+                .iter_mut()
+                .filter(|sink| sink.spool.is_some() && !sink.carried.is_empty())
+                .filter_map(|sink| Some((sink.spool?, std::mem::take(&mut sink.carried))))
+                .collect()
+        });
+        for (spool, carried) in &to_spool {
+            let lines: Vec<&[u8]> = (0..carried.len()).map(|i| carried.line(i)).collect();
+            // Refused lines are logged by the spool.
+            let _ = spool::append(*spool, &lines, true);
+        }
         let lost: Vec<(String, usize)> = SINKS.with(|sinks| {
             sinks
                 .borrow()

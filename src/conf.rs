@@ -20,10 +20,10 @@ use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::core::batch::{parse_batch_args, BatchLimits};
 use crate::core::line_protocol::SessionStorage;
-use crate::core::spool::parse_spool_args;
 use crate::core::policy::{
     push_event_names, validate_measurement_name, DomainPattern, Measurements,
 };
+use crate::core::spool::parse_spool_args;
 use crate::metrics::{AnalyticsMainConf, ZoneSetting, MIN_ZONE_SIZE};
 use crate::spool::{conf_from_settings, SpoolConf};
 use crate::HttpAnalyticsModule;

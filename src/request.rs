@@ -38,6 +38,8 @@ pub struct RequestCtx {
     pub write_finished: bool,
     /// That write did not store the line.
     pub write_failed: bool,
+    /// The line went to the disk spool instead (it is written later).
+    pub spooled: bool,
     /// `background` mode leader: the code of the 204 already sent.
     pub early_answer: Option<ngx_int_t>,
     /// The line of a request waiting for room in a batch (empty otherwise).
@@ -67,6 +69,7 @@ impl Default for RequestCtx {
             wake: unsafe { std::mem::zeroed() },
             write_finished: false,
             write_failed: false,
+            spooled: false,
             early_answer: None,
             waiting_line: Vec::new(),
             waiting_in: None,
@@ -133,6 +136,8 @@ pub mod outcome {
     pub const BOT: &str = "bot";
     /// The write failed or could not be queued.
     pub const WRITE_FAILED: &str = "write_failed";
+    /// The write failed, and the line is in the disk spool (answered 204).
+    pub const SPOOLED: &str = "spooled";
     /// An internal error (allocation, I/O), or a subrequest sent to the endpoint.
     pub const ERROR: &str = "error";
 }
@@ -182,9 +187,10 @@ pub fn answer_write_outcome(request: &mut Request) -> ngx_int_t {
     let Some((failed, early_answer)) = with_ctx(request, |ctx| {
         // A `background` leader was answered (and recorded as accepted) before its write.
         if ctx.early_answer.is_none() {
-            ctx.outcome = match ctx.write_failed {
-                true => outcome::WRITE_FAILED,
-                false => outcome::ACCEPTED,
+            ctx.outcome = match (ctx.write_failed, ctx.spooled) {
+                (true, _) => outcome::WRITE_FAILED,
+                (false, true) => outcome::SPOOLED,
+                (false, false) => outcome::ACCEPTED,
             };
             if let Some(counters) = metrics() {
                 counters.count_outcome(ctx.outcome);

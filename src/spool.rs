@@ -36,12 +36,11 @@ use ngx::ffi::{
     ngx_add_path, ngx_add_timer, ngx_conf_t, ngx_connection_t, ngx_create_pool, ngx_cycle,
     ngx_cycle_t, ngx_destroy_pool, ngx_event_t, ngx_exiting, ngx_http_conf_ctx_t,
     ngx_http_connection_t, ngx_http_core_main_conf_t, ngx_http_core_module,
-    ngx_http_core_srv_conf_t, ngx_http_create_request, ngx_http_free_request,
-    ngx_http_log_ctx_t, ngx_http_request_t, ngx_http_run_posted_requests,
-    ngx_list_init, ngx_log_t, ngx_path_t, ngx_pid, ngx_pnalloc, ngx_pool_cleanup_add,
-    ngx_post_event, ngx_posted_events, ngx_quit, ngx_str_t, ngx_table_elt_t, ngx_terminate,
-    ngx_uint_t, u_char, NGX_HTTP_POST, NGX_LOG_ERR, NGX_LOG_NOTICE,
-    NGX_LOG_WARN,
+    ngx_http_core_srv_conf_t, ngx_http_create_request, ngx_http_free_request, ngx_http_log_ctx_t,
+    ngx_http_request_t, ngx_http_run_posted_requests, ngx_list_init, ngx_log_t, ngx_path_t,
+    ngx_pid, ngx_pnalloc, ngx_pool_cleanup_add, ngx_post_event, ngx_posted_events, ngx_quit,
+    ngx_str_t, ngx_table_elt_t, ngx_terminate, ngx_uint_t, u_char, NGX_HTTP_POST, NGX_LOG_ERR,
+    NGX_LOG_NOTICE, NGX_LOG_WARN,
 };
 use ngx::http::{HttpModuleMainConf, NgxHttpCoreModule, Request};
 use ngx::ngx_log_error;
@@ -160,8 +159,8 @@ pub unsafe fn register(
         return Err("has no server configuration".to_string());
     };
     // SAFETY: `cf` is valid (see above).
-    let mcf = HttpAnalyticsModule::main_conf_mut(unsafe { &*cf })
-        .ok_or("has no main configuration")?;
+    let mcf =
+        HttpAnalyticsModule::main_conf_mut(unsafe { &*cf }).ok_or("has no main configuration")?;
     let server = srv_conf as usize;
     let known = mcf
         .spool_sinks
@@ -196,16 +195,19 @@ unsafe fn server_identity(
 ) -> String {
     let text = |s: &ngx_str_t| String::from_utf8_lossy(s.as_bytes()).into_owned();
     // SAFETY: `server_names` is an array of `ngx_http_server_name_t` in the configuration pool.
-    let names: Vec<String> = unsafe { cscf.server_names.as_slice::<ngx::ffi::ngx_http_server_name_t>() }
-        .iter()
-        .map(|n| text(&n.name))
-        .collect();
+    let names: Vec<String> = unsafe {
+        cscf.server_names
+            .as_slice::<ngx::ffi::ngx_http_server_name_t>()
+    }
+    .iter()
+    .map(|n| text(&n.name))
+    .collect();
     let mut listens = Vec::new();
     let cmcf = NgxHttpCoreModule::main_conf(
         // SAFETY: `cf` is valid (see the caller).
         unsafe { &*cf },
     )
-    .map(|c| ptr::from_ref::<ngx_http_core_main_conf_t>(c));
+    .map(ptr::from_ref::<ngx_http_core_main_conf_t>);
     // SAFETY: `ports` is NULL or an array of `ngx_http_conf_port_t`, each with an array of
     // `ngx_http_conf_addr_t` whose `servers` arrays hold server configuration pointers; all
     // live in the configuration pool while the configuration is parsed.
@@ -244,7 +246,8 @@ pub fn check_directories(sinks: &[SpoolSink]) -> Result<(), String> {
             |e: std::io::Error| format!("analytics_spool directory \"{dir}\" is not writable: {e}");
         match fs::create_dir(dir) {
             Ok(()) => {
-                let _ = fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+                let _ =
+                    fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(not_writable(e)),
@@ -488,7 +491,8 @@ unsafe extern "C" fn replay_log_handler(
 ) -> *mut u_char {
     let mut text = String::new();
     // SAFETY: nginx passes the log it is writing a line for; `action` is NULL or a C string.
-    if let Some(action) = unsafe { log.as_ref() }.and_then(|l| (!l.action.is_null()).then_some(l.action)) {
+    let log = unsafe { log.as_ref() };
+    if let Some(action) = log.and_then(|l| (!l.action.is_null()).then_some(l.action)) {
         // SAFETY: as above.
         let action = unsafe { std::ffi::CStr::from_ptr(action.cast::<c_char>()) };
         text.push_str(" while ");
@@ -635,10 +639,11 @@ impl Spool {
                     NGX_LOG_WARN,
                     log,
                     "analytics: spool for \"{}\" started filling in \"{}\": the sink failed, \
-                     lines are kept on disk and written again every {} ms",
+                     lines are kept on disk and written again every {} ms ({})",
                     self.uri,
                     self.conf.dir,
-                    self.conf.retry_ms
+                    self.conf.retry_ms,
+                    self.identity
                 );
             }
         }
@@ -798,11 +803,9 @@ impl Spool {
     /// The spool is empty again: logs it and gives the worker's own file back its space.
     fn drained(&mut self) {
         if let Some(own) = self.own.as_mut() {
-            if own.size > 0 && own.unread() == 0 {
-                if own.file.set_len(0).is_ok() {
-                    own.size = 0;
-                    own.read_at = 0;
-                }
+            if own.size > 0 && own.unread() == 0 && own.file.set_len(0).is_ok() {
+                own.size = 0;
+                own.read_at = 0;
             }
         }
         if self.filling && self.backlog() == 0 {
@@ -922,15 +925,19 @@ fn replay_next(index: usize) {
                     lines,
                 })
             });
+            let c = with_spool(index, |spool| ptr::addr_of_mut!(spool.fake.c));
             // SAFETY: the fake connection lives in the spool's box; nginx runs the
             // subrequest just posted (no borrow of the spool table is held here).
-            let c = with_spool(index, |spool| ptr::addr_of_mut!(spool.fake.c));
             unsafe { ngx_http_run_posted_requests(c) };
         }
         Err(why) => {
             // SAFETY: the cycle's log.
             if let Some(log) = unsafe { cycle_log().as_mut() } {
-                ngx_log_error!(NGX_LOG_ERR, log, "analytics: spool replay not started: {why}");
+                ngx_log_error!(
+                    NGX_LOG_ERR,
+                    log,
+                    "analytics: spool replay not started: {why}"
+                );
             }
             arm_timer(index);
         }
@@ -1170,4 +1177,3 @@ pub fn exit_process() {
         }
     });
 }
-

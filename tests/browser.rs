@@ -234,7 +234,7 @@ fn str_of<'a>(row: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 }
 
 fn absent(row: &Map<String, Value>, key: &str) -> bool {
-    row.get(key).map_or(true, Value::is_null)
+    row.get(key).is_none_or(Value::is_null)
 }
 
 /// A page with the agent, a share button, and a button sending an event that is not permitted.

@@ -154,7 +154,7 @@ fn send(port: u16, how: &How) -> u16 {
             let mut conn = Conn::open(port);
             let mut bytes =
                 head("/collect", &format!("Content-Length: {declared}\r\n")).into_bytes();
-            bytes.extend(std::iter::repeat(b' ').take(*sent));
+            bytes.extend(std::iter::repeat_n(b' ', *sent));
             conn.send(&bytes);
             let start = Instant::now();
             // Either a response (408) arrives or the connection is closed.

@@ -204,6 +204,7 @@ impl ChunkOutcome {
 pub struct WritePlan {
     pending: VecDeque<Range<usize>>,
     stored: Vec<bool>,
+    spooled: Vec<bool>,
     failed_lines: usize,
 }
 
@@ -217,6 +218,7 @@ impl WritePlan {
         WritePlan {
             pending,
             stored: vec![false; lines],
+            spooled: vec![false; lines],
             failed_lines: 0,
         }
     }
@@ -242,6 +244,19 @@ impl WritePlan {
             }
             ChunkOutcome::TooLarge | ChunkOutcome::Failed => self.failed_lines += chunk.len(),
         }
+    }
+
+    /// Records that the lines of `chunk`, whose write failed, were put in the disk spool (they
+    /// will be written later).
+    pub fn record_spooled(&mut self, chunk: Range<usize>) {
+        for spooled in self.spooled.get_mut(chunk).into_iter().flatten() {
+            *spooled = true;
+        }
+    }
+
+    /// Whether line `index` went to the disk spool.
+    pub fn is_spooled(&self, index: usize) -> bool {
+        self.spooled.get(index).copied().unwrap_or(false)
     }
 
     /// Puts `chunk` back at the front, to be written again: its write ended without an answer

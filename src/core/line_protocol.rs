@@ -175,7 +175,7 @@ pub fn sanitize_tag_value(value: &str) -> String {
             continue;
         }
         if !matches!(c, ',' | ' ' | '=') {
-            out.extend(std::iter::repeat('\\').take(backslashes));
+            out.extend(std::iter::repeat_n('\\', backslashes));
         }
         backslashes = 0;
         out.push(c);

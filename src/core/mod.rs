@@ -14,9 +14,9 @@ pub mod line_protocol;
 pub mod metrics;
 pub mod policy;
 pub mod report;
-pub mod spool;
 #[cfg(test)]
 mod roundtrip_tests;
+pub mod spool;
 pub mod timestamp;
 
 pub use beacon::{parse_beacon, referrer_host, Beacon, BeaconError, Common, Event, PageView};

@@ -640,7 +640,7 @@ pub fn answer(
                 .flatten()
                 .flat_map(|s| s.rows.iter())
                 .filter_map(|row| row.get("value").and_then(Value::as_str))
-                .filter(|d| domains.map_or(true, |p| p.iter().any(|p| p.matches(d))))
+                .filter(|d| domains.is_none_or(|p| p.iter().any(|p| p.matches(d))))
                 .map(str::to_string)
                 .collect();
             names.sort();

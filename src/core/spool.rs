@@ -191,7 +191,10 @@ fn decode_entry(entry: &[u8]) -> Option<&[u8]> {
         return None;
     }
     let hex = std::str::from_utf8(&entry[..ENTRY_OVERHEAD - 1]).ok()?;
-    if !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if !hex
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
         return None;
     }
     let sum = u64::from_str_radix(hex, 16).ok()?;
@@ -254,7 +257,9 @@ mod tests {
     #[test]
     fn the_directive_takes_a_path_and_optional_limits() {
         assert_eq!(parse_spool_args(&["off"]), Ok(None));
-        let settings = parse_spool_args(&["/var/spool/analytics/"]).unwrap().unwrap();
+        let settings = parse_spool_args(&["/var/spool/analytics/"])
+            .unwrap()
+            .unwrap();
         assert_eq!(settings.path, "/var/spool/analytics");
         assert_eq!(settings.max_size, DEFAULT_MAX_SIZE);
         assert_eq!(settings.retry_ms, DEFAULT_RETRY_MS);
@@ -301,9 +306,15 @@ mod tests {
     fn chunks_respect_the_batch_limits() {
         let input = entries(&["m a=1i 1", "m a=2i 2", "m a=3i 3"]);
         let first = read_chunk(&input, true, 2, 1 << 20);
-        assert_eq!((first.lines, first.body.as_slice()), (2, &b"m a=1i 1\nm a=2i 2\n"[..]));
+        assert_eq!(
+            (first.lines, first.body.as_slice()),
+            (2, &b"m a=1i 1\nm a=2i 2\n"[..])
+        );
         let second = read_chunk(&input[first.consumed..], true, 2, 1 << 20);
-        assert_eq!((second.lines, second.body.as_slice()), (1, &b"m a=3i 3\n"[..]));
+        assert_eq!(
+            (second.lines, second.body.as_slice()),
+            (1, &b"m a=3i 3\n"[..])
+        );
         assert_eq!(first.consumed + second.consumed, input.len());
 
         // Bytes: a chunk stops before the line that would pass the limit, but always takes one.

@@ -195,7 +195,7 @@ impl<'a> Expected<'a> {
         let hits = all
             .iter()
             .filter(|h| h.domain == DOMAIN && h.time_ms >= from && h.time_ms < to)
-            .filter(|h| page.map_or(true, |p| h.page == p))
+            .filter(|h| page.is_none_or(|p| h.page == p))
             .collect();
         Expected { hits }
     }
