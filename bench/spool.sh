@@ -124,8 +124,7 @@ CONF
 start_nginx "$nginx_bin" "$run/nginx" "http://127.0.0.1:$nginx_port/ping"
 nginx_pid=${pids[-1]}
 
-# Every request carries a new sess_id: thread number and a per-thread counter. With a limit
-# (`-- N`) each thread stops after N answers.
+# Every request carries a new sess_id: thread number and a per-thread counter.
 cat > "$run/beacon.lua" <<'LUA'
 local threads = 0
 function setup(thread)
@@ -134,18 +133,8 @@ function setup(thread)
 end
 function init(args)
     n = 0
-    answered = 0
-    limit = tonumber(args[1] or "0")
     wrk.headers["Host"] = "www.example.com"
     wrk.headers["Content-Type"] = "text/plain;charset=UTF-8"
-    if limit > 0 then
-        response = function()
-            answered = answered + 1
-            if answered >= limit then
-                wrk.thread:stop()
-            end
-        end
-    end
 end
 function request()
     n = n + 1
@@ -235,9 +224,16 @@ landed_bench=$(points bench)
 echo "filling the drain spool with $drain_lines lines (InfluxDB down) ..." >&2
 influx_down
 t0=$(now)
-per_thread=$(( (drain_lines + threads - 1) / threads ))
+# wrk runs until the spool holds the lines (checked every 0.5 s), then is interrupted (it
+# prints its figures on SIGINT); bounded by fill_limit.
 wrk -t"$threads" -c"$conns" -d"${fill_limit}s" -s "$run/beacon.lua" \
-    "http://127.0.0.1:$nginx_port/fill" -- "$per_thread" >"$run/wrk-fill.out"
+    "http://127.0.0.1:$nginx_port/fill" >"$run/wrk-fill.out" &
+wrk_pid=$!
+while kill -0 "$wrk_pid" 2>/dev/null && (( $(spool_lines fill) < drain_lines )); do
+    sleep 0.5
+done
+kill -INT "$wrk_pid" 2>/dev/null || true
+wait "$wrk_pid" || true
 # Background beacons are answered before their line is in the file: until the count settles.
 prev=-1
 for _ in $(seq 1 50); do
