@@ -17,7 +17,8 @@
 # 127.0.0.1 only, and is stopped with SIGQUIT (graceful: the cycle pool is destroyed, the module
 # unloaded, then valgrind's leak check runs; --keep-debuginfo keeps the module's symbols).
 # The load: valid events and page views (the sink alternates 204/500, so writes fail half the
-# time), background mode, a sink that is down, a slow sink (longer than proxy_read_timeout),
+# time), background mode, the disk spool (spooled lines replayed by the retry timer, a dead
+# sink's replays failing), a sink that is down, a slow sink (longer than proxy_read_timeout),
 # invalid bodies of every kind, too-large bodies, chunked bodies, a body spilled to a temp file,
 # a client that disconnects mid-body, a stalled client (client_body_timeout), GET (405), CORS
 # preflights, a bot user agent, the embedded agent (analytics_agent) and its 304, reports whose
@@ -172,6 +173,17 @@ http {
         location = /collect-dead { analytics; analytics_write /_analytics/write-dead; }
         location = /collect-slow { analytics; analytics_write /_analytics/write-slow; }
         location = /collect-off { analytics; analytics_write off; }
+        location = /collect-spool { analytics; analytics_spool $run/spool retry=300ms; }
+        location = /collect-spool-bg {
+            analytics;
+            analytics_write_mode background;
+            analytics_spool $run/spool retry=300ms;
+        }
+        location = /collect-spool-dead {
+            analytics;
+            analytics_write /_analytics/write-dead;
+            analytics_spool $run/spool retry=300ms;
+        }
         location = /agent.js { analytics_agent; }
         location = /report { analytics_report; }
         location = /metrics { analytics_metrics; }
@@ -224,6 +236,12 @@ for i in $(seq 1 12); do send /collect "$event"; send /collect "$view"; done
 for i in $(seq 1 6); do send /collect-bg "$event"; send /collect-unbatched "$view"; done
 for i in $(seq 1 4); do send /collect-file "$event"; send /collect-off "$view"; done
 for i in 1 2; do send /collect-dead "$event"; send /collect-slow "$event"; done
+# The disk spool: half the sink's answers are 500s (spooled, then replayed by the retry timer
+# through a request of the module's own), and a dead sink whose replays keep failing.
+for i in $(seq 1 6); do
+    send /collect-spool "$event"; send /collect-spool-bg "$view"; send /collect-spool-dead "$view"
+done
+sleep 4
 for bad in 'not json' '{"domain":"www.example.com"' '[1,2]' 'null' \
     '{"domain":"www.example.com","page":"/","page":"/b"}' \
     '{"domain":"www.example.com","page":"/","timezone":"x"}' \

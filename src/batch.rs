@@ -64,7 +64,7 @@ use crate::request::{
     answer_write_outcome, metrics, no_panic, outcome, record, request_ctx_ptr, send_response,
     status, RequestCtx, NGX_DONE,
 };
-use crate::spool;
+use crate::spool::{self, Append};
 use crate::subrequest::{start_write, WriteCapture};
 use crate::HttpAnalyticsModule;
 
@@ -137,6 +137,9 @@ struct Sink {
     carried: LineBatch,
     /// This worker's disk spool for the sink, if it has one (`analytics_spool`).
     spool: Option<usize>,
+    /// Every batch of the sink not freed yet (open, closed or being written), so that a worker
+    /// that exits can still keep their lines.
+    live: Vec<*mut Batch>,
     /// The spool directory (part of the key: a location may turn the spool off).
     spool_dir: Option<String>,
 }
@@ -184,6 +187,7 @@ fn sink_index(
                 waiting: WaitQueue::new(),
                 carried: LineBatch::new(),
                 spool: spool_dir.and_then(|dir| spool::spool_for(server, uri, dir)),
+                live: Vec::new(),
                 spool_dir: spool_dir.map(str::to_string),
             });
             sinks.len() - 1
@@ -240,11 +244,11 @@ pub fn submit(
     let sink = sink_index(server, uri, mode, limits, spool_dir);
     let spool = with_sink(sink, |sink| sink.spool);
 
-    // `background` mode while this worker's spool for the sink holds lines (the sink failed
-    // lately): the line goes straight to the spool, where it is safe from a killed worker, and
-    // is written when the spool is replayed.
+    // `background` mode while the sink is failing (a write failed, none succeeded since): the
+    // line goes straight to the spool, where it is safe from a killed worker, and is written
+    // when the spool is replayed.
     if let (WriteMode::Background, Some(spool)) = (mode, spool) {
-        if spool::has_backlog(spool) && spool::append(spool, &[&line], false).is_ok() {
+        if spool::is_failing(spool) && spool::append(spool, &[&line], Append::Diverted).is_ok() {
             return Submitted::Spooled;
         }
     }
@@ -277,7 +281,7 @@ pub fn submit(
             // `background` mode: rather than holding the answer back until there is room, the
             // line goes to the spool.
             if let (WriteMode::Background, Some(spool)) = (mode, spool) {
-                if spool::append(spool, &[&line], false).is_ok() {
+                if spool::append(spool, &[&line], Append::Diverted).is_ok() {
                     return Submitted::Spooled;
                 }
             }
@@ -311,7 +315,10 @@ pub fn submit(
                 retries: 0,
                 write_started: None,
             }));
-            with_sink(sink, |sink| sink.open = batch);
+            with_sink(sink, |sink| {
+                sink.open = batch;
+                sink.live.push(batch);
+            });
             batch
         }
     };
@@ -325,6 +332,7 @@ pub fn submit(
             with_sink(sink, |sink| {
                 sink.open = ptr::null_mut();
                 sink.carried = std::mem::take(&mut batch_ref.lines);
+                sink.live.retain(|b| *b != batch);
             });
             // SAFETY: created above by `Box::into_raw`, unlinked just now, never shared.
             drop(unsafe { Box::from_raw(batch) });
@@ -708,7 +716,7 @@ fn record_answer(
             // `wait` mode answers 204 for these lines: they must be on disk first.
             let durable = with_sink(batch.sink, |sink| sink.mode == WriteMode::Wait);
             let lines: Vec<&[u8]> = chunk.clone().map(|i| batch.lines.line(i)).collect();
-            spooled = spool::append(spool, &lines, durable).is_ok();
+            spooled = spool::append(spool, &lines, Append::Failed { durable }).is_ok();
         }
     }
     if spooled {
@@ -774,8 +782,10 @@ fn finish(batch: *mut Batch, in_leader: bool) {
     // SAFETY: callers pass a live batch, which is freed here.
     let batch = unsafe { Box::from_raw(batch) };
     let sink = batch.sink;
+    let freed = ptr::from_ref(batch.as_ref()).cast_mut();
     with_sink(sink, |sink| {
-        sink.in_flight = sink.in_flight.saturating_sub(1)
+        sink.in_flight = sink.in_flight.saturating_sub(1);
+        sink.live.retain(|b| *b != freed);
     });
     let mut leader_request = ptr::null_mut();
     for member in &batch.members {
@@ -881,12 +891,14 @@ fn leader_gone(batch: *mut Batch, log: *mut ngx_log_t) {
     // SAFETY: created by `Box::into_raw` in `submit`; unlinked below before anything else runs.
     let batch = unsafe { Box::from_raw(batch) };
     let sink = batch.sink;
+    let freed = ptr::from_ref(batch.as_ref()).cast_mut();
     with_sink(sink, |sink| {
-        if sink.open == ptr::from_ref(batch.as_ref()).cast_mut() {
+        if sink.open == freed {
             sink.open = ptr::null_mut();
         } else {
             sink.in_flight = sink.in_flight.saturating_sub(1);
         }
+        sink.live.retain(|b| *b != freed);
     });
     let unwritten: Vec<&[u8]> = match stage {
         Stage::Open => (0..batch.lines.len())
@@ -910,7 +922,9 @@ fn leader_gone(batch: *mut Batch, log: *mut ngx_log_t) {
     }
     // With a spool, they wait there (safe from a killed worker, written by its replay).
     let spooled = match with_sink(sink, |sink| sink.spool) {
-        Some(spool) if !unwritten.is_empty() => spool::append(spool, &unwritten, false).is_ok(),
+        Some(spool) if !unwritten.is_empty() => {
+            spool::append(spool, &unwritten, Append::Held { durable: false }).is_ok()
+        }
         _ => false,
     };
     if !spooled {
@@ -959,6 +973,32 @@ fn wake_waiting(sink: usize) {
 /// Called by nginx with the exiting cycle.
 pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     no_panic((), || {
+        // `background` lines were answered 204 before their write: those of batches not written
+        // yet (open, or with a write on its way that this exit cuts short) are kept with the
+        // carried ones.
+        SINKS.with(|sinks| {
+            for sink in sinks.borrow_mut().iter_mut() {
+                if sink.mode != WriteMode::Background {
+                    continue;
+                }
+                for batch in std::mem::take(&mut sink.live) {
+                    // SAFETY: live batches are freed only by `finish` and `leader_gone`, which
+                    // take them out of this list first; nginx frees nothing before
+                    // `exit_process`.
+                    let batch = unsafe { &*batch };
+                    let unwritten: Vec<usize> = match batch.stage {
+                        Stage::Open => (0..batch.lines.len()).collect(),
+                        Stage::Closed | Stage::Writing => {
+                            let writing = batch.writing.iter().flat_map(|(chunk, _)| chunk.clone());
+                            writing.chain(batch.plan.pending_lines()).collect()
+                        }
+                    };
+                    for i in unwritten {
+                        sink.carried.push(batch.lines.line(i));
+                    }
+                }
+            }
+        });
         // Lines for a sink with a spool go there, to be written by the next worker.
         let to_spool: Vec<(usize, LineBatch)> = SINKS.with(|sinks| {
             sinks
@@ -971,7 +1011,7 @@ pub unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
         for (spool, carried) in &to_spool {
             let lines: Vec<&[u8]> = (0..carried.len()).map(|i| carried.line(i)).collect();
             // Refused lines are logged by the spool.
-            let _ = spool::append(*spool, &lines, true);
+            let _ = spool::append(*spool, &lines, Append::Held { durable: true });
         }
         let lost: Vec<(String, usize)> = SINKS.with(|sinks| {
             sinks

@@ -98,10 +98,14 @@ impl HttpModule for HttpAnalyticsModule {
                 return NGX_ERROR;
             }
             // SAFETY: as above.
-            let Some(mcf) = HttpAnalyticsModule::main_conf(unsafe { &*cf }) else {
+            let Some(mcf) = HttpAnalyticsModule::main_conf_mut(unsafe { &*cf }) else {
                 return NGX_ERROR;
             };
-            match spool::check_directories(&mcf.spool_sinks) {
+            // SAFETY: as above.
+            let checked = unsafe { spool::settle_identities(cf, &mut mcf.spool_sinks) }
+                // SAFETY: as above.
+                .and_then(|()| unsafe { spool::check_directories(cf, &mcf.spool_sinks) });
+            match checked {
                 Ok(()) => NGX_OK,
                 Err(message) => {
                     ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, cf, "{message}");

@@ -27,20 +27,21 @@ use std::collections::VecDeque;
 use std::ffi::{c_char, c_void};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::ptr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ngx::ffi::{
     ngx_add_path, ngx_add_timer, ngx_conf_t, ngx_connection_t, ngx_create_pool, ngx_cycle,
-    ngx_cycle_t, ngx_destroy_pool, ngx_event_t, ngx_exiting, ngx_http_conf_ctx_t,
-    ngx_http_connection_t, ngx_http_core_main_conf_t, ngx_http_core_module,
-    ngx_http_core_srv_conf_t, ngx_http_create_request, ngx_http_free_request, ngx_http_log_ctx_t,
-    ngx_http_request_t, ngx_http_run_posted_requests, ngx_list_init, ngx_log_t, ngx_path_t,
-    ngx_pid, ngx_pnalloc, ngx_pool_cleanup_add, ngx_post_event, ngx_posted_events, ngx_quit,
-    ngx_str_t, ngx_table_elt_t, ngx_terminate, ngx_uint_t, u_char, NGX_HTTP_POST, NGX_LOG_ERR,
-    NGX_LOG_NOTICE, NGX_LOG_WARN,
+    ngx_cycle_t, ngx_del_timer, ngx_delete_posted_event, ngx_destroy_pool, ngx_event_t,
+    ngx_exiting, ngx_http_conf_ctx_t, ngx_http_connection_t, ngx_http_core_main_conf_t,
+    ngx_http_core_module, ngx_http_core_srv_conf_t, ngx_http_create_request, ngx_http_free_request,
+    ngx_http_log_ctx_t, ngx_http_request_t, ngx_http_run_posted_requests, ngx_list_init, ngx_log_t,
+    ngx_path_t, ngx_pid, ngx_pnalloc, ngx_pool_cleanup_add, ngx_post_event, ngx_posted_events,
+    ngx_quit, ngx_str_t, ngx_table_elt_t, ngx_terminate, ngx_uint_t, u_char, NGX_HTTP_POST,
+    NGX_LOG_ERR, NGX_LOG_NOTICE, NGX_LOG_WARN,
 };
 use ngx::http::{HttpModuleMainConf, NgxHttpCoreModule, Request};
 use ngx::ngx_log_error;
@@ -71,6 +72,8 @@ pub struct SpoolConf {
 pub struct SpoolSink {
     /// The server block (its `srv_conf` array), as batches key it.
     pub server: usize,
+    /// The server block's core configuration.
+    cscf: *mut ngx_http_core_srv_conf_t,
     /// The server block's configuration context, for the replay's own requests.
     conf_ctx: *mut ngx_http_conf_ctx_t,
     /// The write URI.
@@ -170,9 +173,10 @@ pub unsafe fn register(
         return Ok(());
     }
     // SAFETY: `cf` is valid; the server block's identity is read from its configuration.
-    let identity = unsafe { server_identity(cf, cscf_ref, uri) };
+    let identity = unsafe { server_identity(cf, cscf_ref, uri, false) };
     mcf.spool_sinks.push(SpoolSink {
         server,
+        cscf,
         conf_ctx: cscf_ref.ctx,
         uri: uri.to_string(),
         conf: Arc::clone(conf),
@@ -182,9 +186,10 @@ pub unsafe fn register(
     Ok(())
 }
 
-/// What identifies a server block's sink across reloads and restarts: its server names, the
-/// addresses it listens on and the write URI (two server blocks that differ in any of these
-/// never replay each other's lines).
+/// What identifies a server block's sink across reloads and restarts: its server names and the
+/// write URI; for a server block without a name, the addresses it listens on instead of the
+/// names. Two server blocks that differ in these never replay each other's lines, and a spool
+/// survives the usual edits of a site's configuration (another `listen`, a changed location).
 ///
 /// # Safety
 /// `cf` must be a valid configuration context of the `http` block, `cscf` one of its servers.
@@ -192,6 +197,7 @@ unsafe fn server_identity(
     cf: *mut ngx_conf_t,
     cscf: &ngx_http_core_srv_conf_t,
     uri: &str,
+    with_listen: bool,
 ) -> String {
     let text = |s: &ngx_str_t| String::from_utf8_lossy(s.as_bytes()).into_owned();
     // SAFETY: `server_names` is an array of `ngx_http_server_name_t` in the configuration pool.
@@ -202,6 +208,10 @@ unsafe fn server_identity(
     .iter()
     .map(|n| text(&n.name))
     .collect();
+    let named = names.iter().any(|n| !n.is_empty() && n != "_");
+    if named && !with_listen {
+        return format!("server_name={} uri={uri}", names.join(","));
+    }
     let mut listens = Vec::new();
     let cmcf = NgxHttpCoreModule::main_conf(
         // SAFETY: `cf` is valid (see the caller).
@@ -226,46 +236,176 @@ unsafe fn server_identity(
     }
     listens.sort();
     listens.dedup();
-    format!(
-        "server_name={} listen={} uri={uri}",
-        names.join(","),
-        listens.join(",")
-    )
+    match named {
+        true => format!(
+            "server_name={} listen={} uri={uri}",
+            names.join(","),
+            listens.join(",")
+        ),
+        false => format!("listen={} uri={uri}", listens.join(",")),
+    }
 }
 
-/// Configuration check (`postconfiguration`): every spool directory exists (it is created
-/// here when missing; nginx then gives it to the worker user like its temp paths) and files can
-/// be created in it, so that `nginx -t` and a reload refuse a directory the module cannot use
-/// (a failed reload keeps the running configuration).
-pub fn check_directories(sinks: &[SpoolSink]) -> Result<(), String> {
-    let mut dirs: Vec<&str> = sinks.iter().map(|s| s.conf.dir.as_str()).collect();
-    dirs.sort_unstable();
-    dirs.dedup();
-    for dir in dirs {
-        let not_writable =
-            |e: std::io::Error| format!("analytics_spool directory \"{dir}\" is not writable: {e}");
-        match fs::create_dir(dir) {
-            Ok(()) => {
-                let _ =
-                    fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+/// Makes the identities of the configuration's spooled sinks unique (`postconfiguration`): server
+/// blocks that share their names and write URI (an HTTP and an HTTPS block of one site, several
+/// development sites all called `localhost`) are told apart by their listen addresses too, so
+/// that none replays into another's write location. Blocks that share even those are refused.
+///
+/// # Safety
+/// `cf` must be the configuration context nginx passes to `postconfiguration`.
+pub unsafe fn settle_identities(
+    cf: *mut ngx_conf_t,
+    sinks: &mut [SpoolSink],
+) -> Result<(), String> {
+    for pass in 0..2 {
+        let mut clash = false;
+        for i in 0..sinks.len() {
+            let shared = sinks.iter().enumerate().any(|(j, other)| {
+                j != i
+                    && other.server != sinks[i].server
+                    && other.conf.dir == sinks[i].conf.dir
+                    && other.identity == sinks[i].identity
+            });
+            if !shared {
+                continue;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(not_writable(e)),
+            if pass == 1 {
+                return Err(format!(
+                    "cannot tell the spools of two server blocks apart: both are \"{}\" (give \
+                     them different server names or listen addresses, or different spool \
+                     directories)",
+                    sinks[i].identity
+                ));
+            }
+            clash = true;
+            // SAFETY: the server configuration of a registered sink lives in the configuration
+            // pool; `cf` is valid (see the caller).
+            let cscf = unsafe { &*sinks[i].cscf };
+            // SAFETY: as above.
+            sinks[i].identity = unsafe { server_identity(cf, cscf, &sinks[i].uri, true) };
         }
-        let probe = format!("{dir}/.analytics-probe.{}", std::process::id());
-        let created = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&probe);
-        match created {
-            Ok(_) => {
-                let _ = fs::remove_file(&probe);
-            }
-            Err(e) => return Err(not_writable(e)),
+        if !clash {
+            break;
         }
     }
     Ok(())
+}
+
+/// Configuration check (`postconfiguration`): every spool directory exists (it is created
+/// here when missing and, when nginx runs as root, given to the worker user as nginx does with
+/// its temp paths) and the worker user can create files in it (checked as that user), so that
+/// `nginx -t` and a reload refuse a directory the workers cannot use; a failed reload keeps the
+/// running configuration.
+///
+/// # Safety
+/// `cf` must be the configuration context nginx passes to `postconfiguration`.
+pub unsafe fn check_directories(cf: *mut ngx_conf_t, sinks: &[SpoolSink]) -> Result<(), String> {
+    let mut dirs: Vec<&str> = sinks.iter().map(|s| s.conf.dir.as_str()).collect();
+    dirs.sort_unstable();
+    dirs.dedup();
+    if dirs.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: the caller passes a valid configuration context.
+    let worker = unsafe { worker_user(cf) };
+    for dir in dirs {
+        let not_writable = |why: String| {
+            format!("analytics_spool directory \"{dir}\" is not writable by the worker user: {why}")
+        };
+        if fs::metadata(dir).is_err() {
+            fs::create_dir_all(dir).map_err(|e| not_writable(e.to_string()))?;
+            let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+        }
+        match worker {
+            Some((uid, gid)) => {
+                // As nginx's `ngx_create_paths` does: owned by the worker user, u+rwx.
+                let meta = fs::metadata(dir).map_err(|e| not_writable(e.to_string()))?;
+                if meta.uid() != uid {
+                    std::os::unix::fs::chown(dir, Some(uid), None)
+                        .map_err(|e| not_writable(e.to_string()))?;
+                }
+                if meta.mode() & 0o700 != 0o700 {
+                    fs::set_permissions(dir, fs::Permissions::from_mode(meta.mode() | 0o700))
+                        .map_err(|e| not_writable(e.to_string()))?;
+                }
+                // The check itself runs as the worker user: a parent directory it cannot
+                // enter, or a read-only file system, fail here.
+                let ok = std::process::Command::new("/bin/sh")
+                    .args([
+                        "-c",
+                        "test -d \"$1\" && test -w \"$1\" && test -x \"$1\"",
+                        "sh",
+                        dir,
+                    ])
+                    .uid(uid)
+                    .gid(gid)
+                    .stdin(std::process::Stdio::null())
+                    .status()
+                    .map_err(|e| not_writable(format!("could not check: {e}")))?;
+                if !ok.success() {
+                    return Err(not_writable(format!("uid {uid} cannot create files in it")));
+                }
+            }
+            None => {
+                let probe = format!("{dir}/.analytics-probe.{}", std::process::id());
+                let created = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&probe);
+                match created {
+                    Ok(_) => {
+                        let _ = fs::remove_file(&probe);
+                    }
+                    Err(e) => return Err(not_writable(e.to_string())),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The worker processes' user and group when nginx runs as root with worker processes (the
+/// `user` directive, else nginx's default user), or `None` when they run as the current user
+/// (not root, or `master_process off`).
+///
+/// # Safety
+/// `cf` must be a valid configuration context.
+unsafe fn worker_user(cf: *mut ngx_conf_t) -> Option<(u32, u32)> {
+    // SAFETY: a libc call without arguments.
+    if unsafe { ngx::ffi::geteuid() } != 0 {
+        return None;
+    }
+    // SAFETY: the cycle's configuration array holds the core module's configuration, an
+    // `ngx_core_conf_t`, created before any other directive was parsed.
+    let ccf = unsafe {
+        let ctx = (*(*cf).cycle).conf_ctx;
+        (*ctx.add(ngx::ffi::ngx_core_module.index))
+            .cast::<ngx::ffi::ngx_core_conf_t>()
+            .as_ref()
+    }?;
+    // `master_process off`: nginx runs as one process and never changes its user.
+    if ccf.master == 0 {
+        return None;
+    }
+    const UNSET: u32 = u32::MAX;
+    if ccf.user != UNSET {
+        let group = if ccf.group != UNSET {
+            ccf.group
+        } else {
+            ccf.user
+        };
+        return Some((ccf.user, group));
+    }
+    // No `user` directive (yet): nginx will use its default user and group.
+    // SAFETY: libc lookups with constant C strings; the results are read at once.
+    unsafe {
+        let pwd = ngx::ffi::getpwnam(ngx::ffi::NGX_USER.as_ptr()).as_ref()?;
+        let group = ngx::ffi::getgrnam(ngx::ffi::NGX_GROUP.as_ptr())
+            .as_ref()
+            .map_or(pwd.pw_gid, |g| g.gr_gid);
+        Some((pwd.pw_uid, group))
+    }
 }
 
 /// One spool file this worker holds (its own, or one it adopted).
@@ -335,6 +475,14 @@ struct Spool {
     dirty: bool,
     /// Whether the spool holds lines (for the "started filling" / "drained" log lines).
     filling: bool,
+    /// A write failed and none succeeded since (`background` lines then go to the spool).
+    failing: bool,
+    /// The configuration of this spool was replaced by a reload (single-process nginx): it
+    /// takes no new lines and has handed its files to the new one.
+    retired: bool,
+    /// Points refused since the last refusal was logged, and when that was (ms).
+    refused_points: u64,
+    refusal_logged_at: u64,
     /// Lines replayed since the spool started filling.
     replayed_lines: u64,
     /// Most lines a replay write carries (halved on a 413, back to the limit after a success).
@@ -414,6 +562,10 @@ fn add_spool(cycle: usize, sink: &SpoolSink) -> usize {
             others_bytes: 0,
             dirty: false,
             filling: false,
+            failing: false,
+            retired: false,
+            refused_points: 0,
+            refusal_logged_at: 0,
             replayed_lines: 0,
             max_lines: sink.limits.max_lines.max(1),
             replay: None,
@@ -449,7 +601,10 @@ impl FakeConnection {
         for (event, write) in [(&mut self.read, 0), (&mut self.write, 1)] {
             event.data = c.cast();
             event.log = &mut self.log;
-            event.handler = Some(ignore_event);
+            event.handler = Some(match write {
+                1 => fake_write_event,
+                _ => ignore_event,
+            });
             event.set_write(write);
             // Always ready, and "active" so that nginx never adds this socketless connection
             // to the event loop (ngx_http_upstream_init does, for a client connection not yet
@@ -479,8 +634,55 @@ impl FakeConnection {
     }
 }
 
-/// Event handler of the fake connection's read and write events, which nothing should fire.
+/// Handler of the fake connection's read event: there is no client to read from. (nginx posts a
+/// ready read event when an upstream starts; a client connection would look for an early close
+/// there.)
 unsafe extern "C" fn ignore_event(_ev: *mut ngx_event_t) {}
+
+/// Handler of the fake connection's write event, as nginx's own `ngx_http_request_handler`: a
+/// module that delays the write (`limit_req` with a delay) sets a timer on it and resumes the
+/// request in its write handler.
+unsafe extern "C" fn fake_write_event(ev: *mut ngx_event_t) {
+    // SAFETY: the event belongs to a spool's fake connection (`data`), which lives for the
+    // worker's life; `c->data` is the request running on it, unless the connection is between
+    // requests (`destroyed`), whose timers `replay_request_gone` removed.
+    unsafe {
+        let c = (*ev).data.cast::<ngx_connection_t>();
+        if c.is_null() || (*c).destroyed() != 0 || (*c).data.is_null() {
+            return;
+        }
+        let r = (*c).data.cast::<ngx_http_request_t>();
+        if (*ev).delayed() != 0 && (*ev).timedout() != 0 {
+            (*ev).set_delayed(0);
+            (*ev).set_timedout(0);
+        }
+        if let Some(handler) = (*r).write_event_handler {
+            handler(r);
+        }
+        ngx_http_run_posted_requests(c);
+    }
+}
+
+/// Removes the timers and posted events a request left on a fake connection's events.
+///
+/// # Safety
+/// `c` must be a spool's fake connection.
+unsafe fn clear_fake_events(c: *mut ngx_connection_t) {
+    // SAFETY: the fake connection's events live with it; nginx's timer and posted-event
+    // helpers take them out of the tree and the queue.
+    unsafe {
+        for ev in [(*c).read, (*c).write] {
+            if (*ev).timer_set() != 0 {
+                ngx_del_timer(ev);
+            }
+            if (*ev).posted() != 0 {
+                ngx_delete_posted_event(ev);
+            }
+            (*ev).set_delayed(0);
+            (*ev).set_timedout(0);
+        }
+    }
+}
 
 /// Adds the spool replay to error lines logged on its requests (nginx's own HTTP log handler
 /// would print the client's address and request line, which a replay has not).
@@ -517,6 +719,9 @@ pub fn init_process(cycle: &ngx_cycle_t) {
     };
     // SAFETY: only read.
     let worker = unsafe { ngx::ffi::ngx_worker };
+    if worker == 0 {
+        log_orphans(&mcf.spool_sinks);
+    }
     for sink in &mcf.spool_sinks {
         let Some(index) = spool_for(sink.server, &sink.uri, &sink.conf.dir) else {
             continue;
@@ -528,30 +733,82 @@ pub fn init_process(cycle: &ngx_cycle_t) {
     }
 }
 
+/// Logs spool files that belong to no sink of this configuration (its server block's name or
+/// the write URI changed while lines were spooled): they are left alone, and the admin told.
+fn log_orphans(sinks: &[SpoolSink]) {
+    let mut dirs: Vec<&str> = sinks.iter().map(|s| s.conf.dir.as_str()).collect();
+    dirs.sort_unstable();
+    dirs.dedup();
+    for dir in dirs {
+        let ids: Vec<u64> = sinks
+            .iter()
+            .filter(|s| s.conf.dir == dir)
+            .map(|s| sink_id(&s.identity))
+            .collect();
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let orphan = parse_file_name(name).is_some_and(|(id, ..)| !ids.contains(&id));
+            let size = entry.metadata().map_or(0, |m| m.len());
+            if !orphan || size == 0 {
+                continue;
+            }
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { cycle_log().as_mut() } {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    log,
+                    "analytics: spool file \"{dir}/{name}\" ({}) belongs to no server block of \
+                     this configuration (its server_name, or listen when it has no name, or its \
+                     write URI changed); it is left in place",
+                    human_size(size)
+                );
+            }
+        }
+    }
+}
+
 /// Why lines could not be spooled (already logged).
 #[derive(Debug)]
 pub struct NotSpooled;
 
-/// Appends `lines` to this worker's file of spool `index`; with `durable`, flushed to disk
-/// (`fdatasync`) before it returns. Refusals and errors are logged with the number of points
-/// not stored.
-pub fn append(index: usize, lines: &[&[u8]], durable: bool) -> Result<(), NotSpooled> {
-    let result = with_spool(index, |spool| spool.append(lines, durable));
+/// Why lines are appended to a spool, which decides how durable the append must be and what
+/// a refusal means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Append {
+    /// A write failed (the sink is failing); with `durable`, flushed to disk (`fdatasync`)
+    /// before returning, because the beacons are answered 204 on the strength of it.
+    Failed { durable: bool },
+    /// Lines nobody waits on any more (a cancelled write, a worker exiting): kept, not
+    /// answered on.
+    Held { durable: bool },
+    /// `background` lines diverted to the spool (the sink is failing, or no write slot is
+    /// free); a refusal is not a loss: the caller writes them the usual way.
+    Diverted,
+}
+
+/// Appends `lines` to this worker's file of spool `index`. A refusal (full, unwritable, disk
+/// full) is logged, at most once a second per spool, with the number of points not stored
+/// (not for [`Append::Diverted`], whose lines go the usual way instead).
+pub fn append(index: usize, lines: &[&[u8]], why: Append) -> Result<(), NotSpooled> {
+    let result = with_spool(index, |spool| spool.append(lines, why));
     if result.is_ok() {
-        // A first line makes sure the retry timer runs (it may have stopped when empty).
+        // A first line makes sure the retry timer runs.
         arm_timer(index);
     }
     result
 }
 
-/// Whether spool `index` holds lines not yet written (the sink failed lately).
-pub fn has_backlog(index: usize) -> bool {
-    with_spool(index, |spool| spool.backlog() > 0)
+/// Whether the sink of spool `index` is failing: a write failed and no write (of a beacon or
+/// of the replay) succeeded since.
+pub fn is_failing(index: usize) -> bool {
+    with_spool(index, |spool| spool.failing)
 }
 
 /// A beacon's write to the spool's sink succeeded: replay at once if anything is spooled.
 pub fn write_succeeded(index: usize) {
     with_spool(index, |spool| {
+        spool.failing = false;
         if spool.backlog() > 0 && spool.replay.is_none() && spool.event.posted() == 0 {
             // SAFETY: the event lives in the spool's box for the worker's life.
             unsafe { ngx_post_event(&mut *spool.event, ptr::addr_of_mut!(ngx_posted_events)) };
@@ -586,38 +843,44 @@ impl Spool {
         cycle_log()
     }
 
-    fn append(&mut self, lines: &[&[u8]], durable: bool) -> Result<(), NotSpooled> {
+    fn append(&mut self, lines: &[&[u8]], why: Append) -> Result<(), NotSpooled> {
         let mut entries = Vec::with_capacity(lines.iter().map(|l| l.len() + ENTRY_OVERHEAD).sum());
+        let mut unspoolable = false;
         for line in lines {
-            encode_entry(line, &mut entries);
+            unspoolable |= encode_entry(line, &mut entries).is_err();
         }
-        let refuse = |spool: &Spool, why: &str| {
-            // SAFETY: the cycle's log.
-            if let Some(log) = unsafe { spool.log().as_mut() } {
-                ngx_log_error!(
-                    NGX_LOG_ERR,
-                    log,
-                    "analytics: spool for \"{}\" in \"{}\" {why}, {} point(s) not stored",
-                    spool.uri,
-                    spool.conf.dir,
-                    lines.len()
-                );
-            }
-            NotSpooled
+        let refused = if self.retired {
+            Some("belongs to a configuration that was reloaded".to_string())
+        } else if unspoolable {
+            Some("cannot keep a line holding the byte 0x1E".to_string())
+        } else if self.disk_bytes() + entries.len() as u64 > self.conf.max_size {
+            Some(format!(
+                "is full (max_size={})",
+                human_size(self.conf.max_size)
+            ))
+        } else {
+            None
         };
-        if self.disk_bytes() + entries.len() as u64 > self.conf.max_size {
-            let why = format!("is full (max_size={})", human_size(self.conf.max_size));
-            return Err(refuse(self, &why));
+        if let Some(reason) = refused {
+            return Err(self.refuse(lines.len(), why, &reason));
         }
+        self.rotate_own_file();
         if self.own.is_none() {
             match self.create_own_file() {
                 Ok(file) => self.own = Some(file),
-                Err(e) => return Err(refuse(self, &format!("could not create a file: {e}"))),
+                Err(e) => {
+                    let reason = format!("could not create a file: {e}");
+                    return Err(self.refuse(lines.len(), why, &reason));
+                }
             }
         }
         let Some(own) = self.own.as_mut() else {
             return Err(NotSpooled);
         };
+        let durable = matches!(
+            why,
+            Append::Failed { durable: true } | Append::Held { durable: true }
+        );
         let written = own.file.write_all(&entries).and_then(|()| match durable {
             true => own.file.sync_data(),
             false => Ok(()),
@@ -625,11 +888,14 @@ impl Spool {
         if let Err(e) = written {
             // Cut off whatever part of the entries reached the file (a full disk).
             let _ = own.file.set_len(own.size);
-            let path = own.path.clone();
-            return Err(refuse(self, &format!("could not write to \"{path}\": {e}")));
+            let reason = format!("could not write to \"{}\": {e}", own.path);
+            return Err(self.refuse(lines.len(), why, &reason));
         }
         own.size += entries.len() as u64;
         self.dirty |= !durable;
+        if let Append::Failed { .. } = why {
+            self.failing = true;
+        }
         if !self.filling {
             self.filling = true;
             self.replayed_lines = 0;
@@ -638,8 +904,8 @@ impl Spool {
                 ngx_log_error!(
                     NGX_LOG_WARN,
                     log,
-                    "analytics: spool for \"{}\" started filling in \"{}\": the sink failed, \
-                     lines are kept on disk and written again every {} ms ({})",
+                    "analytics: spool for \"{}\" started filling in \"{}\": lines are kept on \
+                     disk and written again every {} ms ({})",
                     self.uri,
                     self.conf.dir,
                     self.conf.retry_ms,
@@ -650,17 +916,76 @@ impl Spool {
         Ok(())
     }
 
+    /// Logs a refusal, at most once a second (with the points refused since the last line), and
+    /// returns the error.
+    fn refuse(&mut self, points: usize, why: Append, reason: &str) -> NotSpooled {
+        if why == Append::Diverted {
+            // Written the usual way instead: nothing is lost.
+            return NotSpooled;
+        }
+        self.refused_points += points as u64;
+        let now = now_ms();
+        if now.saturating_sub(self.refusal_logged_at) >= 1000 {
+            self.refusal_logged_at = now;
+            let points = std::mem::take(&mut self.refused_points);
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { self.log().as_mut() } {
+                ngx_log_error!(
+                    NGX_LOG_ERR,
+                    log,
+                    "analytics: spool for \"{}\" in \"{}\" {reason}, {points} point(s) not \
+                     stored",
+                    self.uri,
+                    self.conf.dir
+                );
+            }
+        }
+        NotSpooled
+    }
+
+    /// Under steady traffic the worker's own file may never be drained to the last byte; once
+    /// most of it is written again it is set aside (replayed from where it is, then removed) and
+    /// a new file started, so the spool's disk use follows what is really waiting.
+    fn rotate_own_file(&mut self) {
+        const ROTATE_AT: u64 = 4 * 1024 * 1024;
+        let replaying_own = self
+            .replay
+            .as_ref()
+            .is_some_and(|r| r.source == Source::Own);
+        let rotate = self
+            .own
+            .as_ref()
+            .is_some_and(|own| own.read_at >= ROTATE_AT);
+        if rotate && !replaying_own {
+            if let Some(own) = self.own.take() {
+                self.adopted.push_back(own);
+            }
+        }
+    }
+
     fn create_own_file(&self) -> std::io::Result<SpoolFile> {
         // SAFETY: the worker's pid, set at its start; only read.
         let pid = unsafe { ngx_pid } as u32;
-        let path = format!("{}/{}", self.conf.dir, file_name(self.id, pid, now_ms()));
+        let name = file_name(self.id, pid, now_ms());
+        let path = format!("{}/{name}", self.conf.dir);
+        // Created under a name no scan looks at, locked, then renamed: a file under a spool
+        // name is always locked by a live worker or left by one that is gone, never caught
+        // between its creation and its lock.
+        let creating = format!("{}/.{name}.new", self.conf.dir);
         let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create_new(true)
             .mode(0o600)
-            .open(&path)?;
-        file.try_lock().map_err(std::io::Error::other)?;
+            .open(&creating)?;
+        let renamed = file
+            .try_lock()
+            .map_err(std::io::Error::other)
+            .and_then(|()| fs::rename(&creating, &path));
+        if let Err(e) = renamed {
+            let _ = fs::remove_file(&creating);
+            return Err(e);
+        }
         // The new name must survive a crash as well as the lines in it.
         File::open(&self.conf.dir)?.sync_all()?;
         Ok(SpoolFile {
@@ -697,10 +1022,16 @@ impl Spool {
             let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else {
                 continue;
             };
-            let size = file.metadata().map_or(0, |m| m.len());
+            let Ok(meta) = file.metadata() else { continue };
             match file.try_lock() {
-                Ok(()) => found.push((millis, path, file, size)),
-                Err(_) => others += size,
+                // Unlinked by its owner (drained) between our open and our lock: nothing there.
+                Ok(()) if meta.nlink() == 0 => {}
+                Ok(()) => {
+                    // Its size once locked: the owner may have appended until it went away.
+                    let size = file.metadata().map_or(meta.len(), |m| m.len());
+                    found.push((millis, path, file, size));
+                }
+                Err(_) => others += meta.len(),
             }
         }
         self.others_bytes = others;
@@ -800,6 +1131,39 @@ impl Spool {
         }
     }
 
+    /// Flushes background lines appended since the last flush to disk.
+    fn flush(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        let Some(own) = self.own.as_mut() else { return };
+        if let Err(e) = own.file.sync_data() {
+            // SAFETY: the cycle's log.
+            if let Some(log) = unsafe { cycle_log().as_mut() } {
+                ngx_log_error!(
+                    NGX_LOG_ERR,
+                    log,
+                    "analytics: spool file \"{}\" could not be flushed to disk: {e}",
+                    own.path
+                );
+            }
+        }
+    }
+
+    /// A reload replaced this spool's configuration (nginx running as one process): once no
+    /// write is on its way, it closes its files, so that the new configuration's spool adopts
+    /// them (a lock belongs to an open file, not to the process), and takes no more lines.
+    fn retire(&mut self) {
+        if self.retired || self.replay.is_some() {
+            return;
+        }
+        self.flush();
+        self.own = None;
+        self.adopted.clear();
+        self.retired = true;
+    }
+
     /// The spool is empty again: logs it and gives the worker's own file back its space.
     fn drained(&mut self) {
         if let Some(own) = self.own.as_mut() {
@@ -846,42 +1210,47 @@ unsafe extern "C" fn spool_event(ev: *mut ngx_event_t) {
         if timed_out {
             retry_tick(index);
         }
-        replay_next(index);
+        if !with_spool(index, |spool| spool.retired) {
+            replay_next(index);
+        }
     });
 }
 
 fn retry_tick(index: usize) {
     with_spool(index, |spool| {
-        if spool.dirty {
-            if let Some(own) = spool.own.as_mut() {
-                let _ = own.file.sync_data();
-            }
-            spool.dirty = false;
+        spool.flush();
+        // SAFETY: nginx sets `ngx_cycle` before any event runs; only read.
+        if spool.cycle != unsafe { ngx_cycle } as usize {
+            spool.retire();
         }
-        if exiting() {
+        if exiting() || spool.retired {
             return;
         }
         spool.scan();
         let backlog = spool.backlog();
         if backlog > 0 {
+            let files = spool.adopted.len() + usize::from(spool.own.is_some());
+            let doing = match spool.replay.is_some() {
+                true => "a write is on its way",
+                false => "writing again",
+            };
             // SAFETY: the cycle's log.
             if let Some(log) = unsafe { spool.log().as_mut() } {
                 ngx_log_error!(
                     NGX_LOG_WARN,
                     log,
-                    "analytics: spool for \"{}\" in \"{}\": {} waiting in {} file(s), writing \
-                     again",
+                    "analytics: spool for \"{}\" in \"{}\": {} waiting in {files} file(s), \
+                     {doing}",
                     spool.uri,
                     spool.conf.dir,
-                    human_size(backlog),
-                    spool.adopted.len() + usize::from(spool.own.is_some())
+                    human_size(backlog)
                 );
             }
         }
-        if backlog > 0 || spool.others_bytes > 0 {
-            // SAFETY: the event lives in the spool's box for the worker's life.
-            unsafe { ngx_add_timer(&mut *spool.event, spool.conf.retry_ms as _) };
-        }
+        // Always again: a worker that is going away (a reload, a crash) may leave lines at any
+        // time. The timer is cancelable, so it never holds up a graceful exit.
+        // SAFETY: the event lives in the spool's box for the worker's life.
+        unsafe { ngx_add_timer(&mut *spool.event, spool.conf.retry_ms as _) };
     });
 }
 
@@ -964,7 +1333,14 @@ unsafe fn start_replay(
         if (*c).pool.is_null() {
             return Err("could not allocate memory");
         }
+        // Whatever an earlier request left on the connection is forgotten, as a new HTTP/2
+        // stream starts from a fresh copy of its connection.
         (*c).set_destroyed(0);
+        (*c).set_error(0);
+        (*c).set_timedout(0);
+        (*c).set_close(0);
+        (*c).set_buffered(0);
+        (*c).sent = 0;
         (*c).data = ptr::addr_of_mut!(fake.hc).cast();
     }
     // SAFETY: `c->data` is an HTTP connection whose `conf_ctx` is the server block's
@@ -1027,8 +1403,10 @@ unsafe fn free_replay_request(r: *mut ngx_http_request_t) {
     unsafe {
         let c = (*r).connection;
         ngx_http_free_request(r, 0);
+        clear_fake_events(c);
         ngx_destroy_pool((*c).pool);
         (*c).pool = ptr::null_mut();
+        (*c).data = ptr::null_mut();
     }
 }
 
@@ -1079,6 +1457,10 @@ unsafe extern "C" fn replay_request_gone(data: *mut c_void) {
         let gone = SPOOLS.with(|spools| {
             let mut spools = spools.borrow_mut();
             let spool = spools.get_mut(index)?;
+            let c = ptr::addr_of_mut!(spool.fake.c);
+            // SAFETY: the spool's fake connection; nginx is closing it after this request
+            // (or freeing the request): nothing may fire on its events any more.
+            unsafe { clear_fake_events(c) };
             spool.replay.take()
         });
         if gone.is_some() {
@@ -1106,6 +1488,7 @@ fn take_outcome(index: usize, replay: &Replay, status: usize, unknown: bool, mes
     };
     let go_on = with_spool(index, |spool| match outcome {
         ChunkOutcome::Stored => {
+            spool.failing = false;
             advance(spool);
             spool.replayed_lines += replay.lines as u64;
             spool.max_lines = spool.limits.max_lines.max(1);
@@ -1162,7 +1545,11 @@ pub fn exit_process() {
                 let _ = fs::remove_file(&own.path);
                 continue;
             }
-            let _ = own.file.sync_data();
+            spool.dirty = true;
+            spool.flush();
+            let Some(own) = spool.own.as_ref() else {
+                continue;
+            };
             // SAFETY: the cycle's log.
             if let Some(log) = unsafe { cycle_log().as_mut() } {
                 ngx_log_error!(

@@ -7,11 +7,13 @@
 //! <16 hex digits: FNV-1a 64 of the line protocol line, without its \n> <the line>\n
 //! ```
 //!
-//! An entry whose hash does not match its line, or a last entry without its `\n` (a torn tail
-//! left by a crash or a full disk in the middle of an append), is skipped; reading goes on at
-//! the next `\n`. Garbage anywhere in a file therefore costs only the entries it touched. Line
-//! protocol lines never hold a raw `\n` (the encoder escapes or refuses it), so `\n` always ends
-//! an entry.
+//! A line protocol line may hold a line feed inside a quoted string field (a note with a line
+//! break); in the entry it is written as the byte 0x1E (record separator), which no encoded line
+//! holds (string fields keep no control character but tab and line feed), so `\n` always ends an
+//! entry and nothing a beacon sends can pose as the start of one. An entry whose hash does not
+//! match its line, or a last entry without its `\n` (a torn tail left by a crash or a full disk
+//! in the middle of an append), is skipped; reading goes on at the next `\n`. Garbage anywhere
+//! in a file therefore costs only the entries it touched.
 
 /// Default `max_size=`: 256 MiB.
 pub const DEFAULT_MAX_SIZE: u64 = 256 * 1024 * 1024;
@@ -129,12 +131,27 @@ fn parse_time_ms(text: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(scale)
 }
 
-/// Appends the entry of one line-protocol `line` (with or without its `\n`) to `out`.
-pub fn encode_entry(line: &[u8], out: &mut Vec<u8>) {
+/// The byte a line feed inside a line is written as in an entry.
+const LINE_FEED_MARK: u8 = 0x1e;
+
+/// A line the spool cannot hold: it contains the byte 0x1E, which the line protocol encoder
+/// never produces.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unspoolable;
+
+/// Appends the entry of one line-protocol `line` (with or without its final `\n`) to `out`.
+pub fn encode_entry(line: &[u8], out: &mut Vec<u8>) -> Result<(), Unspoolable> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
+    if line.contains(&LINE_FEED_MARK) {
+        return Err(Unspoolable);
+    }
     out.extend_from_slice(format!("{:016x} ", fnv1a(line)).as_bytes());
-    out.extend_from_slice(line);
+    out.extend(
+        line.iter()
+            .map(|&b| if b == b'\n' { LINE_FEED_MARK } else { b }),
+    );
     out.push(b'\n');
+    Ok(())
 }
 
 /// One write's worth of lines read back from a spool file.
@@ -173,7 +190,7 @@ pub fn read_chunk(input: &[u8], at_end: bool, max_lines: usize, max_bytes: usize
                 if chunk.lines > 0 && chunk.body.len() + line.len() + 1 > max_bytes {
                     break;
                 }
-                chunk.body.extend_from_slice(line);
+                chunk.body.extend_from_slice(&line);
                 chunk.body.push(b'\n');
                 chunk.lines += 1;
             }
@@ -186,7 +203,7 @@ pub fn read_chunk(input: &[u8], at_end: bool, max_lines: usize, max_bytes: usize
 }
 
 /// The line of one entry (without its `\n`), if the entry is whole and its check sum matches.
-fn decode_entry(entry: &[u8]) -> Option<&[u8]> {
+fn decode_entry(entry: &[u8]) -> Option<Vec<u8>> {
     if entry.len() <= ENTRY_OVERHEAD || entry[ENTRY_OVERHEAD - 1] != b' ' {
         return None;
     }
@@ -198,8 +215,11 @@ fn decode_entry(entry: &[u8]) -> Option<&[u8]> {
         return None;
     }
     let sum = u64::from_str_radix(hex, 16).ok()?;
-    let line = &entry[ENTRY_OVERHEAD..];
-    (fnv1a(line) == sum).then_some(line)
+    let line: Vec<u8> = entry[ENTRY_OVERHEAD..]
+        .iter()
+        .map(|&b| if b == LINE_FEED_MARK { b'\n' } else { b })
+        .collect();
+    (fnv1a(&line) == sum).then_some(line)
 }
 
 /// The id of a sink in spool file names: a hash of what identifies it across restarts (its
@@ -249,9 +269,30 @@ mod tests {
     fn entries(lines: &[&str]) -> Vec<u8> {
         let mut out = Vec::new();
         for line in lines {
-            encode_entry(line.as_bytes(), &mut out);
+            encode_entry(line.as_bytes(), &mut out).unwrap();
         }
         out
+    }
+
+    #[test]
+    fn a_line_feed_inside_a_string_field_survives_and_cannot_pose_as_an_entry() {
+        let fake = format!("{:016x} evil,tag=x f=1i 1", fnv1a(b"evil,tag=x f=1i 1"));
+        let line = format!("m note=\"a\n{fake}\" 1");
+        let input = entries(&[&line, "m a=2i 2"]);
+        assert_eq!(input.iter().filter(|&&b| b == b'\n').count(), 2);
+        let chunk = read_chunk(&input, true, 100, 1 << 20);
+        assert_eq!(chunk.body, format!("{line}\nm a=2i 2\n").into_bytes());
+        assert_eq!(chunk.lines, 2);
+
+        // Corrupt the first entry: the fake entry inside it is not taken for one.
+        let mut corrupt = input.clone();
+        corrupt[ENTRY_OVERHEAD] = b'X';
+        let chunk = read_chunk(&corrupt, true, 100, 1 << 20);
+        assert_eq!(chunk.body, b"m a=2i 2\n");
+
+        let mut out = Vec::new();
+        assert_eq!(encode_entry(b"m s=\"\x1e\" 1", &mut out), Err(Unspoolable));
+        assert!(out.is_empty());
     }
 
     #[test]
