@@ -48,6 +48,14 @@ const LOG_WAIT: Duration = Duration::from_secs(10);
 
 const DB: &str = "analytics";
 
+/// An event whose note holds `note`, naming its own session.
+fn event(sess: &str, note: &str) -> Vec<u8> {
+    json!({"domain": "www.example.com", "page": "/spool", "sess_id": sess,
+           "event": "socialclick", "note": note})
+    .to_string()
+    .into_bytes()
+}
+
 /// A page view naming its own session (stored as the string field `sess`).
 fn beacon(sess: &str) -> Vec<u8> {
     json!({"domain": "www.example.com", "page": "/spool", "sess_id": sess})
@@ -72,6 +80,7 @@ fn server(port: u16, upstream: &str, mode: &str, spool: &str) -> String {
 server {{
     listen 127.0.0.1:{port};
     server_name www.example.com;
+    permitted_events socialclick;
     location = /collect {{
         analytics;
         analytics_write_mode {mode};
@@ -166,8 +175,9 @@ fn assert_spool_drains(dir: &Path, what: &str) {
     );
 }
 
-/// The entries of a spool file: (line protocol line, whether its hash matches). Panics on a
-/// line that is not `<16 hex digits> <line>` (a file written by nginx must be well-formed).
+/// The line protocol lines of a spool file's entries. Panics on an entry that is not
+/// `<16 hex digits: FNV-1a 64 of the line> <line, its line feeds written as 0x1E>` (a file
+/// written by nginx must be well-formed).
 fn spool_entries(path: &Path) -> Vec<String> {
     let bytes = fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     assert!(
@@ -186,13 +196,15 @@ fn spool_entries(path: &Path) -> Vec<String> {
                 "{}: entry does not start with 16 hex digits: {entry:?}",
                 path.display()
             );
+            // A line feed inside the line (in a string field) is written as 0x1E.
+            let line = line.replace('\u{1e}', "\n");
             assert_eq!(
                 u64::from_str_radix(hash, 16).ok(),
                 Some(fnv1a64(line.as_bytes())),
                 "{}: the hash is FNV-1a 64 of the line: {entry:?}",
                 path.display()
             );
-            line.to_string()
+            line
         })
         .collect()
 }
@@ -443,6 +455,7 @@ fn outage(mode: &str, disruption: Disruption, proxy: bool) {
 
     thread::sleep(OUTAGE / 2);
     let mut killed = Vec::new();
+    let mut adopted_from = None;
     match disruption {
         Disruption::None => {}
         Disruption::KillWorker => {
@@ -459,6 +472,7 @@ fn outage(mode: &str, disruption: Disruption, proxy: bool) {
                 nginx.worker_pids()
             );
             killed.push(format!("worker process {victim} exited on signal 9"));
+            adopted_from = Some(victim);
         }
         Disruption::Reload => {
             let before = nginx.worker_pids();
@@ -572,6 +586,24 @@ fn outage(mode: &str, disruption: Disruption, proxy: bool) {
             "{what}: {} line(s) replayed more than once, e.g. {:?}",
             replayed_twice.len(),
             &replayed_twice[..replayed_twice.len().min(3)]
+        );
+    }
+
+    // Files left by workers that are gone were adopted by the new ones (the killed worker's
+    // file by name: `<sinkid>.<pid>.<ms>.spool`).
+    if disruption != Disruption::None {
+        let adopted = match adopted_from {
+            Some(pid) => count_in_log(
+                &nginx,
+                &["analytics: spool", "adopted", &format!(".{pid}.")],
+            ),
+            None => count_in_log(&nginx, &["analytics: spool", "adopted"]),
+        };
+        assert!(
+            adopted > 0,
+            "{what}: the error log says a file left by an earlier worker{} was adopted\n{}",
+            adopted_from.map(|p| format!(" ({p})")).unwrap_or_default(),
+            nginx.error_log()
         );
     }
 
@@ -744,6 +776,76 @@ fn a_torn_last_line_and_garbage_in_the_middle_lose_only_the_entries_they_touch()
         nginx.error_log()
     );
     assert_eq!(nginx.worker_pids(), workers, "no worker crashed");
+    assert_no_crash(&nginx, &[]);
+}
+
+#[test]
+fn a_note_with_a_line_break_goes_through_the_spool_unchanged() {
+    let mut influx = Influx::start();
+    influx.create_database(DB);
+    let port = free_port();
+    let conf = http_block(
+        influx.port(),
+        &server(port, "sink", "wait", &format!("spool retry={RETRY}")),
+    );
+    let nginx = Nginx::start_with(master_on(1), &conf);
+    let spool_dir = nginx.prefix().join("spool");
+    let notes = ["line one\nline two", "tab\there", "\n\nends\n"];
+    let post_event = |sess: &str, note: &str| match try_post(port, "/collect", &event(sess, note)) {
+        Outcome::Status(s) => s,
+        Outcome::ConnError(e) => panic!("{sess}: {e}"),
+    };
+    // The same notes written the usual way, as a reference.
+    for (i, note) in notes.iter().enumerate() {
+        assert_eq!(post_event(&format!("direct-{i}"), note), 204);
+    }
+    influx.stop();
+    for (i, note) in notes.iter().enumerate() {
+        assert_eq!(post_event(&format!("spooled-{i}"), note), 204);
+    }
+    let entries: Vec<String> = nonempty_spool_files(&spool_dir)
+        .iter()
+        .flat_map(|(p, _)| spool_entries(p))
+        .collect();
+    assert_eq!(
+        entries.len(),
+        notes.len(),
+        "one entry per beacon, whatever its note holds: {entries:?}"
+    );
+    assert!(
+        entries.iter().any(|e| e.contains('\n')),
+        "a line feed of a note is kept in its entry: {entries:?}"
+    );
+    influx.restart();
+    assert_spool_drains(&spool_dir, "line breaks");
+    let expected: BTreeSet<String> = (0..notes.len())
+        .flat_map(|i| [format!("direct-{i}"), format!("spooled-{i}")])
+        .collect();
+    let deadline = Instant::now() + DRAIN_BOUND;
+    let mut notes_by_sess: HashMap<String, String> = HashMap::new();
+    while Instant::now() < deadline {
+        notes_by_sess = influx
+            .rows(DB, "SELECT \"sess\", \"note\" FROM \"pf_analytics_event\"")
+            .iter()
+            .map(|row| {
+                let get = |k: &str| row[k].as_str().unwrap_or_default().to_string();
+                (get("sess"), get("note"))
+            })
+            .collect();
+        if expected.iter().all(|s| notes_by_sess.contains_key(s)) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    for (i, note) in notes.iter().enumerate() {
+        let direct = notes_by_sess.get(&format!("direct-{i}"));
+        let spooled = notes_by_sess.get(&format!("spooled-{i}"));
+        assert!(direct.is_some(), "direct-{i} stored: {notes_by_sess:?}");
+        assert_eq!(
+            spooled, direct,
+            "the note {note:?} reads back the same through the spool as written directly"
+        );
+    }
     assert_no_crash(&nginx, &[]);
 }
 
@@ -1177,11 +1279,22 @@ fn a_sink_answering_503_is_spooled_then_replayed_with_the_original_lines() {
             );
         }
         if mode == "wait" {
-            let log = fs::read_to_string(nginx.prefix().join("logs/beacons.log")).unwrap();
+            // A request's access log line is written when nginx frees it, which may come
+            // just after the client has its answer.
+            let log_path = nginx.prefix().join("logs/beacons.log");
+            let spooled_in_log = || {
+                fs::read_to_string(&log_path)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| *l == "204 spooled")
+                    .count()
+            };
+            wait_until(LOG_WAIT, || spooled_in_log() >= N);
             assert_eq!(
-                log.lines().filter(|l| *l == "204 spooled").count(),
+                spooled_in_log(),
                 N,
-                "wait: $analytics_status is `spooled`:\n{log}"
+                "wait: $analytics_status is `spooled`:\n{}",
+                fs::read_to_string(&log_path).unwrap_or_default()
             );
         }
 
