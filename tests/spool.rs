@@ -1243,14 +1243,19 @@ fn a_sink_answering_400_is_not_retried_nothing_is_spooled() {
 }
 
 #[test]
-fn a_sink_answering_503_is_spooled_then_replayed_with_the_original_lines() {
+fn a_sink_answering_503_or_429_is_spooled_then_replayed_with_the_original_lines() {
     // Wait mode with a retry far away: the replay starts because a later write succeeds.
     // Background mode: new lines go to the spool while it holds lines, so the retry tick
     // replays them.
-    for (mode, retry) in [("wait", "10m"), ("background", RETRY)] {
+    // 429 (too many requests) is retried like a 5xx.
+    for (status, mode, retry) in [
+        (503, "wait", "10m"),
+        (429, "wait", "10m"),
+        (503, "background", RETRY),
+    ] {
         let sink = FakeSink::start();
         let (nginx, port, spool_dir) = sink_nginx(&sink, mode, &format!("spool retry={retry}"));
-        sink.set_response(503, r#"{"error":"overloaded"}"#);
+        sink.set_response(status, r#"{"error":"overloaded"}"#);
         const N: usize = 5;
         for i in 0..N {
             assert_eq!(
@@ -1400,4 +1405,124 @@ fn a_413_is_split_as_before_and_nothing_is_spooled() {
         .count();
     assert_eq!(single, 1, "the single line was not retried");
     assert_no_crash(&nginx, &[]);
+}
+
+#[test]
+fn in_background_mode_a_beacon_finding_no_room_goes_to_the_spool_instead_of_waiting() {
+    // Batches of 2 lines and a sink that holds every write for 3 s: after 4 writes in flight
+    // and a full open batch, a beacon would wait for room; with a spool it is answered at once
+    // and its line is spooled, then replayed once the sink has answered.
+    let sink = FakeSink::start();
+    let hold = Duration::from_secs(3);
+    sink.set_delay(hold);
+    let port = free_port();
+    let conf = http_block(
+        sink.port(),
+        &server(port, "sink", "background", &format!("spool retry={RETRY}")).replace(
+            "analytics_write_mode background;",
+            "analytics_write_mode background; analytics_batch lines=2 delay=10s;",
+        ),
+    );
+    let nginx = Nginx::start_with(master_on(1), &conf);
+    let spool_dir = nginx.prefix().join("spool");
+    const N: usize = 20;
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..N {
+        let t = Instant::now();
+        // The answer, not the end of the connection: a batch's first request stays open
+        // until its batch is written.
+        let answer = common::post(port, "/collect", &beacon(&format!("room-{i}")));
+        assert_eq!(answer.status, 204);
+        slowest = slowest.max(t.elapsed());
+    }
+    let all_sent = started.elapsed();
+    let spooled_meanwhile = spool_lines(&spool_dir);
+    eprintln!(
+        "overflow: {N} beacons answered in {all_sent:?} (slowest {slowest:?}) while the sink \
+         held each write {hold:?}; {spooled_meanwhile} line(s) in the spool"
+    );
+    assert!(
+        all_sent < hold,
+        "no beacon waited for a write slot: {N} answered in {all_sent:?}, the sink holds \
+         writes {hold:?}"
+    );
+    assert!(
+        spooled_meanwhile > 0,
+        "the beacons that found no room went to the spool"
+    );
+    // Everything reaches the sink, once.
+    sink.set_delay(Duration::ZERO);
+    assert_spool_drains(&spool_dir, "overflow");
+    let sessions_written =
+        || -> BTreeSet<String> { written_lines(&sink).iter().map(|l| line_sess(l)).collect() };
+    wait_until(DRAIN_BOUND, || sessions_written().len() >= N);
+    // Writes held when the delay was lifted are answered `hold` after they arrived.
+    thread::sleep(hold);
+    let mut written: HashMap<String, usize> = HashMap::new();
+    for line in written_lines(&sink) {
+        *written.entry(line_sess(&line)).or_default() += 1;
+    }
+    for i in 0..N {
+        let sess = format!("room-{i}");
+        assert_eq!(
+            written.get(&sess),
+            Some(&1),
+            "{sess} written once: {written:?}"
+        );
+    }
+    assert_no_crash(&nginx, &[]);
+}
+
+#[test]
+fn analytics_spool_off_turns_an_inherited_spool_off() {
+    let sink = FakeSink::start();
+    let port = free_port();
+    let conf = http_block(
+        sink.port(),
+        &format!(
+            "analytics_spool spool retry={RETRY};\n{}",
+            server(port, "sink", "wait", "off")
+        ),
+    );
+    let nginx = Nginx::start_with(master_on(1), &conf);
+    sink.set_response(503, r#"{"error":"overloaded"}"#);
+    assert_eq!(send(port, "no-spool"), 502, "without a spool, as before");
+    assert!(
+        nonempty_spool_files(&nginx.prefix().join("spool")).is_empty(),
+        "nothing spooled"
+    );
+    assert_no_crash(&nginx, &[]);
+}
+
+#[test]
+fn bad_analytics_spool_parameters_are_refused_by_nginx_t() {
+    for args in [
+        "spool max_size=abc",
+        "spool max_size=0",
+        "spool retry=0",
+        "spool retry=-1s",
+        "spool retry=2h",
+        "spool size=1m",
+        "spool max_size=1m max_size=2m extra",
+        "off retry=5s",
+    ] {
+        let conf = http_block(free_port(), &server(free_port(), "sink", "wait", args));
+        let (ok, output) = nginx_test_config_with(master_on(1), &conf);
+        assert!(!ok, "analytics_spool {args}: nginx -t must fail:\n{output}");
+        assert!(
+            output.contains("[emerg]") && output.contains("analytics_spool"),
+            "analytics_spool {args}: the [emerg] names the directive:\n{output}"
+        );
+    }
+    for args in [
+        "spool",
+        "spool max_size=64k retry=500ms",
+        "spool retry=2m max_size=1g",
+        "off",
+    ] {
+        let conf = http_block(free_port(), &server(free_port(), "sink", "wait", args));
+        let (ok, output) = nginx_test_config_with(master_on(1), &conf);
+        assert!(ok, "analytics_spool {args}: accepted:\n{output}");
+    }
 }
