@@ -919,6 +919,15 @@ fn past_max_size_wait_mode_answers_502_and_logs_it_and_every_204_is_stored() {
     assert!(stored.values().all(|&n| n == 1), "stored once: {stored:?}");
     assert_spool_drains(&spool_dir, "max_size");
     assert_no_crash(&nginx, &[]);
+    // Each beacon answered 502 is one point not stored, counted once in the error log.
+    assert_eq!(
+        not_stored_count(&nginx),
+        N - first_502,
+        "{} beacons answered 502: the error log's counts of points not stored add up to \
+         them\n{}",
+        N - first_502,
+        nginx.error_log()
+    );
 }
 
 #[test]
