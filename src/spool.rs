@@ -480,8 +480,10 @@ struct Spool {
     /// The configuration of this spool was replaced by a reload (single-process nginx): it
     /// takes no new lines and has handed its files to the new one.
     retired: bool,
-    /// Points refused since the last refusal was logged, and when that was (ms).
+    /// Points refused since the last refusal was logged, the last reason, and when that was
+    /// (ms).
     refused_points: u64,
+    refusal_reason: String,
     refusal_logged_at: u64,
     /// Lines replayed since the spool started filling.
     replayed_lines: u64,
@@ -565,6 +567,7 @@ fn add_spool(cycle: usize, sink: &SpoolSink) -> usize {
             failing: false,
             retired: false,
             refused_points: 0,
+            refusal_reason: String::new(),
             refusal_logged_at: 0,
             replayed_lines: 0,
             max_lines: sink.limits.max_lines.max(1),
@@ -924,23 +927,32 @@ impl Spool {
             return NotSpooled;
         }
         self.refused_points += points as u64;
-        let now = now_ms();
-        if now.saturating_sub(self.refusal_logged_at) >= 1000 {
-            self.refusal_logged_at = now;
-            let points = std::mem::take(&mut self.refused_points);
-            // SAFETY: the cycle's log.
-            if let Some(log) = unsafe { self.log().as_mut() } {
-                ngx_log_error!(
-                    NGX_LOG_ERR,
-                    log,
-                    "analytics: spool for \"{}\" in \"{}\" {reason}, {points} point(s) not \
-                     stored",
-                    self.uri,
-                    self.conf.dir
-                );
-            }
+        self.refusal_reason = reason.to_string();
+        if now_ms().saturating_sub(self.refusal_logged_at) >= 1000 {
+            self.log_refusals();
         }
         NotSpooled
+    }
+
+    /// Logs the points refused since the last such line (at a refusal, at most once a second,
+    /// and at the retry timer and worker exit, so that every refused point is counted once).
+    fn log_refusals(&mut self) {
+        if self.refused_points == 0 {
+            return;
+        }
+        self.refusal_logged_at = now_ms();
+        let points = std::mem::take(&mut self.refused_points);
+        let reason = std::mem::take(&mut self.refusal_reason);
+        // SAFETY: the cycle's log.
+        if let Some(log) = unsafe { self.log().as_mut() } {
+            ngx_log_error!(
+                NGX_LOG_ERR,
+                log,
+                "analytics: spool for \"{}\" in \"{}\" {reason}, {points} point(s) not stored",
+                self.uri,
+                self.conf.dir
+            );
+        }
     }
 
     /// Under steady traffic the worker's own file may never be drained to the last byte; once
@@ -1219,6 +1231,7 @@ unsafe extern "C" fn spool_event(ev: *mut ngx_event_t) {
 fn retry_tick(index: usize) {
     with_spool(index, |spool| {
         spool.flush();
+        spool.log_refusals();
         // SAFETY: nginx sets `ngx_cycle` before any event runs; only read.
         if spool.cycle != unsafe { ngx_cycle } as usize {
             spool.retire();
@@ -1538,6 +1551,7 @@ pub fn worth_retrying(status: usize) -> bool {
 pub fn exit_process() {
     SPOOLS.with(|spools| {
         for spool in spools.borrow_mut().iter_mut() {
+            spool.log_refusals();
             let Some(own) = spool.own.as_mut() else {
                 continue;
             };
