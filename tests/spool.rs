@@ -1417,11 +1417,12 @@ fn a_413_is_split_as_before_and_nothing_is_spooled() {
 
 #[test]
 fn in_background_mode_a_beacon_finding_no_room_goes_to_the_spool_instead_of_waiting() {
-    // Batches of 2 lines and a sink that holds every write for 3 s: after 4 writes in flight
+    // Batches of 2 lines and a sink that holds every write for 4 s (less than the write
+    // location's proxy_read_timeout, so no write times out): after 4 writes in flight
     // and a full open batch, a beacon would wait for room; with a spool it is answered at once
     // and its line is spooled, then replayed once the sink has answered.
     let sink = FakeSink::start();
-    let hold = Duration::from_secs(3);
+    let hold = Duration::from_secs(4);
     sink.set_delay(hold);
     let port = free_port();
     let conf = http_block(
