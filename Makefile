@@ -1,7 +1,7 @@
 # Front door for building, testing and the demo (see README.md).
 CARGO ?= cargo
 
-.PHONY: deps build check test test-install deb demo bench bench-overload bench-reports
+.PHONY: deps build check test test-install deb demo bench bench-overload bench-reports bench-spool
 
 deps:
 	./scripts/install-deps.sh
@@ -36,6 +36,7 @@ demo: deps
 bench: deps
 	./bench/run.sh
 	./bench/hotpath.sh
+	./bench/spool.sh
 
 # Overload: 2,000 connections while InfluxDB is frozen for 10 s. With
 # BASELINE_MODULE=/path/to/an/older/libngx_http_analytics_module.so it alternates that module and
@@ -47,3 +48,8 @@ bench-overload: deps
 # report and of a whole dashboard view (period=30d), first and repeated.
 bench-reports: deps
 	./bench/reports.sh
+
+# Spool: beacons/s and p99 with InfluxDB up (the write path) and down (the disk spool), in
+# `wait` and `background` mode, with ratios; then the time to drain 1,000,000 spooled lines.
+bench-spool: deps
+	./bench/spool.sh

@@ -297,6 +297,101 @@ impl Influx {
             .len()
     }
 
+    /// Starts `influxd` again after [`Influx::stop`] with the same configuration: the same
+    /// loopback ports and the same data, WAL and meta directories (an outage and a return, not a
+    /// new server); its output is appended to `influxd.log`. Waits (≤ 30 s) until `GET /ping`
+    /// answers 204; panics with the server's log if it exits or does not come up. Panics if the
+    /// server is still running.
+    pub fn restart(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "Influx::restart: influxd is still running (call stop() first)"
+        );
+        let bin = influxd_binary();
+        let log_path = self.dir.path().join("influxd.log");
+        let conf_path = self.dir.path().join("influxdb.conf");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let log_before = fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0) as usize;
+            let log = fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&log_path)
+                .expect("opening influxd.log");
+            let log2 = log.try_clone().expect("dup influxd.log");
+            let child = Command::new(&bin)
+                .arg("-config")
+                .arg(&conf_path)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+            self.child = Some(child);
+            let exited = loop {
+                if ping(self.http_port) == Some(204) {
+                    return;
+                }
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    self.child = None;
+                    break status;
+                }
+                if Instant::now() >= deadline {
+                    panic!(
+                        "influxd did not answer GET /ping with 204 within {START_TIMEOUT:?} \
+                         after a restart; its log:\n{}",
+                        self.log()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            // While it was down, another process may have taken one of its ports (as the
+            // local port of an outgoing connection, for instance). The RPC port (backups) may
+            // change; the HTTP port is the point of a restart, so wait for it to be free.
+            let log = self.log();
+            let new_output = log.get(log_before..).unwrap_or_default();
+            if new_output.contains("address already in use") && Instant::now() < deadline {
+                let conf = fs::read_to_string(&conf_path).expect("reading influxdb.conf");
+                let rpc = conf
+                    .lines()
+                    .find_map(|l| l.strip_prefix("bind-address = \"127.0.0.1:"))
+                    .and_then(|rest| rest.strip_suffix('"'))
+                    .map(str::to_string);
+                if let Some(rpc) = rpc.filter(|p| new_output.contains(&format!(":{p}:"))) {
+                    let mut port = free_port();
+                    while port == self.http_port {
+                        port = free_port();
+                    }
+                    let conf = conf.replacen(
+                        &format!("bind-address = \"127.0.0.1:{rpc}\""),
+                        &format!("bind-address = \"127.0.0.1:{port}\""),
+                        1,
+                    );
+                    fs::write(&conf_path, conf).expect("rewriting influxdb.conf");
+                } else {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                continue;
+            }
+            panic!(
+                "influxd exited while restarting on port {} ({exited}); its log:\n{log}",
+                self.http_port
+            );
+        }
+    }
+
+    /// Whether the server process is running (started and not stopped).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
     /// Kills the server now (to test "InfluxDB down"); idempotent.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -438,6 +438,45 @@ impl Nginx {
         }
     }
 
+    /// Starts nginx again in the same prefix with the current nginx.conf after [`Nginx::stop`]
+    /// or [`Nginx::quit`] (a full restart: a new master and new workers; files the old ones
+    /// left in the prefix stay). Output is appended to `logs/stderr.log`. Waits like
+    /// [`Nginx::start_with`]; panics if nginx is still running or does not come up.
+    pub fn start_again(&mut self) {
+        assert!(
+            !self.is_running(),
+            "Nginx::start_again: nginx {} is still running (call stop() first)",
+            self.pid
+        );
+        let binary = nginx_binary();
+        let prefix = self.prefix().to_path_buf();
+        let out = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(prefix.join("logs/stderr.log"))
+            .expect("opening stderr.log");
+        let err = out.try_clone().expect("dup stderr.log");
+        // The old pid file is removed by nginx at exit; a stale one would make wait_ready think
+        // the new master is up before it is.
+        let _ = fs::remove_file(prefix.join("logs/nginx.pid"));
+        let child = Command::new(&binary)
+            .arg("-p")
+            .arg(format!("{}/", prefix.display()))
+            .arg("-c")
+            .arg(prefix.join("nginx.conf"))
+            .arg("-e")
+            .arg(prefix.join("logs/error.log"))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+        self.pid = child.id();
+        self.child = Some(child);
+        let ports = listen_ports(&read_lossy(&prefix.join("nginx.conf")));
+        self.wait_ready(&ports, "restart");
+    }
+
     /// Fast shutdown: SIGTERM, wait ≤ 10 s, then SIGKILL (workers too). Idempotent.
     pub fn stop(&mut self) {
         self.terminate(SIGTERM);
