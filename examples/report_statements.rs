@@ -1,9 +1,9 @@
 //! Benchmark helper for `bench/reports.sh`: prints the InfluxQL statements the report API sends
 //! for a report request, one per line, made by the module's own core (`parse_report_query`,
 //! `statements`) with the default measurements and `analytics_session field`, so that the
-//! benchmark can time the same statements straight against InfluxDB. With `rollups` as the
-//! second argument: the statements when the daily rollups exist (the probe that finds them
-//! first, where the report asks it).
+//! benchmark can time the same statements straight against InfluxDB. A report that may read
+//! the daily rollups starts with the probe that looks for them; with `rollups` as the second
+//! argument the statements that follow are those for when it found them.
 //!
 //! ```sh
 //! cargo run --release --example report_statements -- 'report=pages&domain=www.example.com&period=30d'
@@ -33,7 +33,8 @@ fn main() {
             } else {
                 Source::Raw
             };
-            if rollups && rollups_apply(&query) {
+            // The report API asks whether the rollups exist first, whether they do or not.
+            if rollups_apply(&query) {
                 println!("{}", rollup_probe(&query, &m));
             }
             for statement in statements(&query, &m, SessionStorage::Field, source) {

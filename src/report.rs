@@ -7,6 +7,8 @@
 //! is a waited POST subrequest whose form body is `q=<statement>&epoch=ms` and whose answer is
 //! kept in memory up to [`MAX_QUERY_ANSWER`] bytes by the module's capture filter; the
 //! request's write handler runs when it finished and starts the next statement or answers.
+//! A report that the daily rollups can answer (`rollups_apply`) first runs the rollup probe; its
+//! answer decides whether the statements that follow read the rollups or the raw points.
 //! InfluxDB's credentials live only in the query location; nothing from the client but the
 //! validated parameters reaches a statement.
 

@@ -7,7 +7,8 @@
 //! or as a tag), with a time range that covers the data (the README's backfill), and every
 //! rolled-up row is compared with what the test computes from the data itself, and with the
 //! same sums read from the raw points. The documented limits are checked too: visits summed
-//! over buckets overcount, and GROUP BY a field does not group.
+//! over buckets overcount, and GROUP BY a field does not group. The daily rollups by one tag
+//! that the report API reads (and the daily median) are compared row by row as well.
 //!
 //! The module's rlib cannot be linked without nginx's symbols, so the nginx-free core is
 //! compiled straight from its sources, as the fuzz target does. This target is built without

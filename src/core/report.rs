@@ -7,6 +7,11 @@
 //! reach a statement as string literals (domain and page) are escaped for InfluxQL as a second
 //! line of defence. Measurement names come from the configuration (already validated), the
 //! times are integers. Every statement is a single `SELECT` or `SHOW`.
+//!
+//! Two sources: the raw points (exact), and, for ranges longer than two days without `page=`,
+//! the daily rollups of `nginx-conf/influxdb/rollups.influxql` when a probe finds them (whole
+//! UTC days, visits summed per day, the median as the weighted median of daily medians; the
+//! README's "Reports from the rollups").
 
 use std::borrow::Cow;
 use std::collections::HashMap;
