@@ -273,17 +273,19 @@ echo "==> installing nginx-conf/influxdb/rollups.influxql and backfilling its da
 influx -host 127.0.0.1 -port "$influx_port" < "$root/nginx-conf/influxdb/rollups.influxql" >/dev/null
 backfill_range="time >= $(( (today_s - 31 * 86400) * 1000000000 )) AND time < $(( (today_s + 86400) * 1000000000 ))"
 t0=$(now_ms)
-# Each daily CQ's statement (between BEGIN and END) once, with the data's time range.
-awk '/^CREATE CONTINUOUS QUERY "cq_[a-z_]*_1d"/ { on = 1; next }
+# Each daily CQ's statement and the notes' copy (between BEGIN and END) once, with the data's
+# time range.
+awk '/^CREATE CONTINUOUS QUERY "cq_[a-z_]*(_1d|_event_note)"/ { on = 1; next }
      on && /^BEGIN/ { body = ""; inside = 1; next }
      on && /^END;/ { print body; on = 0; inside = 0; next }
      inside { sub(/^ +/, " "); body = body $0 }' "$root/nginx-conf/influxdb/rollups.influxql" \
-    | sed "s/ GROUP BY time(1d)/ WHERE $backfill_range GROUP BY time(1d)/" > "$run/backfill.influxql"
+    | sed "s/ WHERE / WHERE $backfill_range AND /; t; s/ GROUP BY time(/ WHERE $backfill_range GROUP BY time(/" \
+    > "$run/backfill.influxql"
 while IFS= read -r statement; do
     influx_query "$influx_port" "$statement" analytics >/dev/null
 done < "$run/backfill.influxql"
 backfill_ms=$(( $(now_ms) - t0 ))
-echo "  $(wc -l < "$run/backfill.influxql") daily rollups over $days days in $backfill_ms ms"
+echo "  $(wc -l < "$run/backfill.influxql") rollups over $days days in $backfill_ms ms"
 
 measure_pass rollups rollups
 
@@ -318,7 +320,7 @@ echo "target: a whole 30-day dashboard view in <= $target_ms ms (with the rollup
 echo "(ms; again: median of $repeats; statements: InfluxQL statements per report (with rollups:"
 echo " the probe included); ratio: raw again / rollups again; nginx/db: report time with rollups"
 echo " through nginx / its statements sent straight to InfluxDB with curl)"
-echo "backfill of the daily rollups over $days days: $backfill_ms ms"
+echo "backfill of the daily rollups and the notes' copy over $days days: $backfill_ms ms"
 
 echo
 echo "The same whole days ($whole_days) on both paths:"

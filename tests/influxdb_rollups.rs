@@ -499,6 +499,8 @@ struct Expected {
     tags_1d: BTreeMap<(&'static str, u64, String, Option<String>), Agg>,
     events_15m: BTreeMap<(u64, String, String), Agg>,
     events_1d: BTreeMap<(u64, String, String), Agg>,
+    /// (time, domain, event) -> note, for every event with a note: the notes' copy.
+    event_notes: BTreeMap<(u64, String, String), String>,
     /// (bucket, domain, event, note) -> events, for every note.
     notes_15m: BTreeMap<(u64, String, String, String), i64>,
     /// Distinct sessions per domain over the whole range.
@@ -554,6 +556,10 @@ fn expected(data: &[Generated]) -> Expected {
                 visits.extend(g.sess.clone());
             }
             Beacon::Event(event) => {
+                if !event.note.is_empty() {
+                    let key = (g.ts, domain.clone(), event.name.to_string());
+                    e.event_notes.insert(key, event.note.to_string());
+                }
                 e.events_1d
                     .entry((g.ts - g.ts % DAY_NS, domain.clone(), event.name.to_string()))
                     .or_default()
@@ -740,6 +746,23 @@ fn check_rollups(influx: &Influx, db: &str, e: &Expected) {
         .map(|(k, a)| (k.clone(), (a.count, a.sum)))
         .collect();
     assert_same(&format!("{db}: pf_analytics_event_1d"), &got, &want);
+    let got: BTreeMap<(u64, String, String), String> =
+        rollup(influx, db, "pf_analytics_event_note")
+            .iter()
+            .map(|r| {
+                let key = (
+                    time(r),
+                    text(r, "domain").expect("domain"),
+                    text(r, "event").expect("event"),
+                );
+                (key, text(r, "note").expect("note"))
+            })
+            .collect();
+    assert_same(
+        &format!("{db}: pf_analytics_event_note"),
+        &got,
+        &e.event_notes,
+    );
 
     // The rollups keep no visit id and no note: only the tags they group by.
     for (measurement, tags) in [
@@ -755,6 +778,7 @@ fn check_rollups(influx: &Influx, db: &str, e: &Expected) {
         ("pf_analytics_platform_1d", &["domain", "platform"][..]),
         ("pf_analytics_timezone_1d", &["domain", "timezone"][..]),
         ("pf_analytics_event_1d", &["domain", "event"][..]),
+        ("pf_analytics_event_note", &["domain", "event"][..]),
     ] {
         let keys: Vec<String> = influx
             .rows(
@@ -937,7 +961,7 @@ fn field_sessions_rollups_match_the_data() {
         install(&influx, db, &["rollups.influxql", "event-notes.influxql"])
             .into_iter()
             .partition(|cq| cq.name.starts_with("cq_pf_analytics_event_note_"));
-    assert_eq!(cqs.len(), 9, "{cqs:?}");
+    assert_eq!(cqs.len(), 10, "{cqs:?}");
 
     let (from, to) = data_range();
     let data = generate(from);
@@ -1014,7 +1038,7 @@ fn tag_sessions_rollups_match_the_data() {
     let db = "analytics_tag";
     influx.create_database(db);
     let cqs = install(&influx, db, &["rollups-sess-tag.influxql"]);
-    assert_eq!(cqs.len(), 9, "{cqs:?}");
+    assert_eq!(cqs.len(), 10, "{cqs:?}");
 
     let (from, to) = data_range();
     let data = generate(from);

@@ -149,9 +149,10 @@ fn every_report_matches_the_known_answers() {
     nginx.assert_no_crash_in_log();
 }
 
-/// Fills the daily rollups of nginx-conf/influxdb/rollups.influxql from the raw points of
-/// `[from, to)` (whole days) as the README's backfill does: creates the retention policy, then
-/// runs each daily CQ's `SELECT ... INTO` once with that time range. The CQs themselves are not
+/// Fills the rollups the report API reads (the daily ones and the notes' copy of
+/// nginx-conf/influxdb/rollups.influxql) from the raw points of `[from, to)` as the README's
+/// backfill does: creates the retention policy, then runs each of those CQs' `SELECT ... INTO`
+/// once with that time range. The CQs themselves are not
 /// created (the test does not wait for InfluxDB to run them). Returns the statements run.
 fn backfill_rollups(influx: &Influx, from_ms: i64, to_ms: i64) -> usize {
     let path = concat!(
@@ -166,7 +167,7 @@ fn backfill_rollups(influx: &Influx, from_ms: i64, to_ms: i64) -> usize {
         .cloned();
     let daily = cq_files::continuous_queries(&statements)
         .into_iter()
-        .filter(|cq| cq.name.ends_with("_1d"))
+        .filter(|cq| cq.name.ends_with("_1d") || cq.name == "cq_pf_analytics_event_note")
         .map(|cq| {
             cq_files::backfill(
                 &cq.select,
@@ -177,8 +178,8 @@ fn backfill_rollups(influx: &Influx, from_ms: i64, to_ms: i64) -> usize {
     let all: Vec<String> = policy.chain(daily).collect();
     assert_eq!(
         all.len(),
-        1 + 6,
-        "the policy and six daily rollups: {all:?}"
+        1 + 7,
+        "the policy, six daily rollups and the notes' copy: {all:?}"
     );
     for q in &all {
         let body = format!("q={}", urlencode(q));
@@ -474,7 +475,7 @@ fn hostile_parameters_are_refused_and_every_statement_is_a_single_escaped_select
     let raw_sent = statements_sent(&sink).len();
 
     // The same reports again once the daily rollups exist: their probe finds them and they
-    // read the rollups (and, for the notes, the raw points of the same days).
+    // read the rollups.
     let today = now - now.rem_euclid(DAY);
     backfill_rollups(&influx, today - 12 * DAY, today + 2 * DAY);
     for name in reports {
@@ -490,7 +491,7 @@ fn hostile_parameters_are_refused_and_every_statement_is_a_single_escaped_select
         .iter()
         .filter(|s| s.contains(" FROM \"rollups\".\"pf_analytics_"))
         .count();
-    assert_eq!(rollup_reads, 8, "{:?}", &sent[raw_sent..]);
+    assert_eq!(rollup_reads, 9, "{:?}", &sent[raw_sent..]);
     let probes = sent
         .iter()
         .filter(|s| s.starts_with("SHOW MEASUREMENTS "))

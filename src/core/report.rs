@@ -487,7 +487,7 @@ pub fn rollup_measurements(report: Report, measurements: &Measurements) -> Vec<S
     match report {
         Report::Summary => vec![pv("domain"), ev],
         Report::Timeseries => vec![pv("domain")],
-        Report::Events => vec![ev],
+        Report::Events => vec![ev, format!("{}_note", measurements.event)],
         other => other.group_tag().map(pv).into_iter().collect(),
     }
 }
@@ -616,20 +616,21 @@ fn rollup_statements(
                 filter(&days)
             )]
         }
-        Report::Events => {
-            // Notes are a field: no rollup can group by them, so they come from the raw points
-            // of the same whole days.
-            let mut raw_days = query.clone();
-            raw_days.range = days;
-            let notes = raw_statements(&raw_days, measurements, visits).pop();
-            let mut all = vec![format!(
+        Report::Events => vec![
+            format!(
                 "SELECT sum(\"events\") AS \"count\", sum(\"value_sum\") AS \"value_sum\" \
                  FROM {ev} WHERE {} GROUP BY \"event\"",
                 filter(&days)
-            )];
-            all.extend(notes);
-            all
-        }
+            ),
+            // Notes are a field, which no rollup can group by: they come from the copy of
+            // every event's note, tagged by site and event only (as from the raw points).
+            format!(
+                "SELECT \"note\" FROM {} WHERE {} AND \"note\" != '' GROUP BY \"event\" \
+                 LIMIT {MAX_NOTES_READ}",
+                rollup(format!("{}_note", measurements.event)),
+                filter(&days)
+            ),
+        ],
         Report::Domains | Report::Realtime => raw_statements(query, measurements, visits),
     }
 }
@@ -1434,9 +1435,7 @@ mod tests {
                 assert!(s.starts_with("SELECT "), "{s}");
                 assert!(!s.contains(';'), "{s}");
                 assert!(s.contains("\"domain\" = 'a.b'"), "{s}");
-                if !s.starts_with("SELECT \"note\"") {
-                    assert!(s.contains("FROM \"rollups\".\""), "{s}");
-                }
+                assert!(s.contains("FROM \"rollups\".\""), "{s}");
             }
         }
         assert_eq!(regex_escape("pv.x-1"), "pv\\.x\\-1");

@@ -425,7 +425,7 @@ impl<'a> ExpectedRollups<'a> {
         Expected::new(self.all, self.from, self.to, None).timeseries(self.from, self.to)
     }
 
-    /// The events of the whole days (their notes from the raw points).
+    /// The events of the whole days (their notes from the notes' copy, exact).
     pub fn events(&self) -> Value {
         Expected::new(self.all, self.from, self.to, None).events()
     }
