@@ -7,6 +7,8 @@
 //! is a waited POST subrequest whose form body is `q=<statement>&epoch=ms` and whose answer is
 //! kept in memory up to [`MAX_QUERY_ANSWER`] bytes by the module's capture filter; the
 //! request's write handler runs when it finished and starts the next statement or answers.
+//! A report that the daily rollups can answer (`rollups_apply`) first runs the rollup probe; its
+//! answer decides whether the statements that follow read the rollups or the raw points.
 //! InfluxDB's credentials live only in the query location; nothing from the client but the
 //! validated parameters reaches a statement.
 
@@ -22,7 +24,8 @@ use ngx::ngx_log_error;
 
 use crate::core::line_protocol::SessionStorage;
 use crate::core::report::{
-    answer, error_body, parse_report_query, statements, Format, ReportQuery,
+    answer, error_body, parse_report_query, rollup_probe, rollups_apply, rollups_found, statements,
+    Format, ReportQuery, Source,
 };
 use crate::core::timestamp::unix_now_ns;
 use crate::request::{no_panic, request_ctx_ptr, send_typed, RequestCtx, NGX_DONE, NGX_ERROR};
@@ -39,6 +42,8 @@ const JSON: &[u8] = b"application/json";
 pub struct ReportState {
     query: ReportQuery,
     visits: SessionStorage,
+    /// Where the numbers come from; `None` while the rollup probe runs.
+    source: Option<Source>,
     statements: Vec<String>,
     answers: Vec<Vec<u8>>,
     /// Where the running statement's answer is captured (NULL before the first).
@@ -110,8 +115,17 @@ fn start(r: *mut ngx_http_request_t) -> ngx_int_t {
         }
     }
     let visits = lcf.session();
+    // A report the daily rollups can answer first asks whether they exist (one cheap `SHOW
+    // MEASUREMENTS`); its statements are made from the answer.
+    let (source, statements) = if rollups_apply(&query) {
+        (None, vec![rollup_probe(&query, lcf.measurements())])
+    } else {
+        let raw = statements(&query, lcf.measurements(), visits, Source::Raw);
+        (Some(Source::Raw), raw)
+    };
     let state = request.pool().allocate(ReportState {
-        statements: statements(&query, lcf.measurements(), visits),
+        statements,
+        source,
         query,
         visits,
         answers: Vec::new(),
@@ -182,7 +196,29 @@ fn step(r: *mut ngx_http_request_t) -> ngx_int_t {
             );
             return json_error(request, 502, &message);
         }
-        state.answers.push(capture.take_body());
+        let body = capture.take_body();
+        if state.source.is_none() {
+            let Some(lcf) = HttpAnalyticsModule::location_conf(request) else {
+                return INTERNAL_ERROR;
+            };
+            let source = match rollups_found(&state.query, lcf.measurements(), &body) {
+                Ok(true) => Source::Rollups,
+                Ok(false) => Source::Raw,
+                Err(err) => {
+                    ngx_log_error!(
+                        NGX_LOG_ERR,
+                        request.log(),
+                        "analytics: report query failed: {}",
+                        err.0
+                    );
+                    return json_error(request, 502, &err.0);
+                }
+            };
+            state.source = Some(source);
+            state.statements = statements(&state.query, lcf.measurements(), state.visits, source);
+        } else {
+            state.answers.push(body);
+        }
     }
 
     if let Some(statement) = state.statements.get(state.answers.len()) {
@@ -212,6 +248,7 @@ fn step(r: *mut ngx_http_request_t) -> ngx_int_t {
         &state.query,
         state.visits,
         lcf.accepted_domains(),
+        state.source.unwrap_or(Source::Raw),
         &state.answers,
     ) {
         Ok(answer) => {

@@ -7,7 +7,8 @@
 //! or as a tag), with a time range that covers the data (the README's backfill), and every
 //! rolled-up row is compared with what the test computes from the data itself, and with the
 //! same sums read from the raw points. The documented limits are checked too: visits summed
-//! over buckets overcount, and GROUP BY a field does not group.
+//! over buckets overcount, and GROUP BY a field does not group. The daily rollups by one tag
+//! that the report API reads (and the daily median) are compared row by row as well.
 //!
 //! The module's rlib cannot be linked without nginx's symbols, so the nginx-free core is
 //! compiled straight from its sources, as the fuzz target does. This target is built without
@@ -30,10 +31,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
+#[path = "common/cq_files.rs"]
+mod cq_files;
+
 use crate::core::line_protocol::SessionStorage;
 use crate::core::{encode_point, parse_beacon, Beacon, Measurements};
 use common::influx::quote_ident;
 use common::{post_with_headers, urlencode, Influx};
+use cq_files::{backfill, continuous_queries, statements, ContinuousQuery};
 
 const SEC_NS: u64 = 1_000_000_000;
 const BUCKET_NS: u64 = 15 * 60 * SEC_NS;
@@ -63,124 +68,6 @@ fn read_file(name: &str) -> String {
 /// `text` with every `"analytics"` (the database) replaced by `"<db>"`.
 fn for_database(text: &str, db: &str) -> String {
     text.replace(&quote_ident(FILE_DB), &quote_ident(db))
-}
-
-// ---------------------------------------------------------------------------------------------
-// InfluxQL files: statements, continuous queries, backfill.
-
-/// The statements of an InfluxQL file: `--` comments removed, split at `;` outside quotes.
-fn statements(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut current = String::new();
-    let mut quote: Option<char> = None;
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match quote {
-            Some(q) => {
-                current.push(c);
-                if c == '\\' {
-                    if let Some(next) = chars.next() {
-                        current.push(next);
-                    }
-                } else if c == q {
-                    quote = None;
-                }
-            }
-            None if c == '-' && chars.peek() == Some(&'-') => {
-                for skipped in chars.by_ref() {
-                    if skipped == '\n' {
-                        current.push('\n');
-                        break;
-                    }
-                }
-            }
-            None if c == ';' => {
-                if !current.trim().is_empty() {
-                    out.push(current.trim().to_string());
-                }
-                current.clear();
-            }
-            None => {
-                if c == '\'' || c == '"' {
-                    quote = Some(c);
-                }
-                current.push(c);
-            }
-        }
-    }
-    assert!(quote.is_none(), "unterminated quote in {text:?}");
-    if !current.trim().is_empty() {
-        out.push(current.trim().to_string());
-    }
-    out
-}
-
-/// One `CREATE CONTINUOUS QUERY` of a file.
-#[derive(Debug, Clone)]
-struct ContinuousQuery {
-    name: String,
-    /// The statement between `BEGIN` and `END`.
-    select: String,
-}
-
-fn continuous_queries(statements: &[String]) -> Vec<ContinuousQuery> {
-    const PREFIX: &str = "CREATE CONTINUOUS QUERY \"";
-    statements
-        .iter()
-        .filter(|s| s.starts_with("CREATE CONTINUOUS QUERY"))
-        .map(|s| {
-            let rest = s
-                .strip_prefix(PREFIX)
-                .unwrap_or_else(|| panic!("CQ name not quoted: {s}"));
-            let name = rest[..rest.find('"').expect("end of the CQ name")].to_string();
-            let begin = s.find("BEGIN").expect("BEGIN") + "BEGIN".len();
-            let end = s.rfind("END").expect("END");
-            assert!(s[end..].trim() == "END", "CQ {name} does not end with END");
-            let select = s[begin..end].trim().to_string();
-            assert!(select.starts_with("SELECT "), "CQ {name}: {select}");
-            ContinuousQuery { name, select }
-        })
-        .collect()
-}
-
-/// Byte offset of the keyword `word` in `text` outside parentheses and quotes, if any.
-fn find_top_level(text: &str, word: &str) -> Option<usize> {
-    let bytes = text.as_bytes();
-    let mut depth = 0i32;
-    let mut quote: Option<u8> = None;
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        match quote {
-            Some(_) if b == b'\\' => i += 1,
-            Some(q) if b == q => quote = None,
-            Some(_) => {}
-            None => match b {
-                b'\'' | b'"' => quote = Some(b),
-                b'(' => depth += 1,
-                b')' => depth -= 1,
-                _ if depth == 0 && text[i..].starts_with(word) => return Some(i),
-                _ => {}
-            },
-        }
-        i += 1;
-    }
-    None
-}
-
-/// The CQ's statement limited to `[from, to)`: what the README says to run once to roll up
-/// data written before the CQ existed.
-fn backfill(select: &str, from_ns: u64, to_ns: u64) -> String {
-    let time = format!("time >= {from_ns} AND time < {to_ns}");
-    let group_by = find_top_level(select, "GROUP BY time(").expect("GROUP BY time(...)");
-    let (head, tail) = select.split_at(group_by);
-    match find_top_level(head, "WHERE ") {
-        Some(w) => {
-            let condition = head[w + "WHERE ".len()..].trim();
-            format!("{}WHERE ({condition}) AND {time} {tail}", &head[..w])
-        }
-        None => format!("{} WHERE {time} {tail}", head.trim_end()),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -606,7 +493,14 @@ struct Expected {
     pages_15m: BTreeMap<PageKey, Agg>,
     domain_15m: BTreeMap<(u64, String), Agg>,
     domain_1d: BTreeMap<(u64, String), Agg>,
+    /// Load times per UTC day and domain (for the daily median).
+    loads_1d: BTreeMap<(u64, String), Vec<f64>>,
+    /// (tag, day, domain, tag value) -> page views: the daily rollups by one tag.
+    tags_1d: BTreeMap<(&'static str, u64, String, Option<String>), Agg>,
     events_15m: BTreeMap<(u64, String, String), Agg>,
+    events_1d: BTreeMap<(u64, String, String), Agg>,
+    /// (time, domain, event) -> note, for every event with a note: the notes' copy.
+    event_notes: BTreeMap<(u64, String, String), String>,
     /// (bucket, domain, event, note) -> events, for every note.
     notes_15m: BTreeMap<(u64, String, String, String), i64>,
     /// Distinct sessions per domain over the whole range.
@@ -638,14 +532,38 @@ fn expected(data: &[Generated]) -> Expected {
                     .entry((bucket, domain.clone()))
                     .or_default()
                     .add(&g.sess, None);
+                let day = g.ts - g.ts % DAY_NS;
                 e.domain_1d
-                    .entry((g.ts - g.ts % DAY_NS, domain.clone()))
+                    .entry((day, domain.clone()))
                     .or_default()
                     .add(&g.sess, None);
+                e.loads_1d
+                    .entry((day, domain.clone()))
+                    .or_default()
+                    .extend(view.load_time);
+                for (tag, value) in [
+                    ("page", Some(common.page.to_string())),
+                    ("referrer", view.referrer_host.clone()),
+                    ("platform", common.platform.as_deref().map(str::to_string)),
+                    ("timezone", common.timezone.map(|tz| tz.to_string())),
+                ] {
+                    e.tags_1d
+                        .entry((tag, day, domain.clone(), value))
+                        .or_default()
+                        .add(&g.sess, None);
+                }
                 let visits = e.visits.entry(domain).or_default();
                 visits.extend(g.sess.clone());
             }
             Beacon::Event(event) => {
+                if !event.note.is_empty() {
+                    let key = (g.ts, domain.clone(), event.name.to_string());
+                    e.event_notes.insert(key, event.note.to_string());
+                }
+                e.events_1d
+                    .entry((g.ts - g.ts % DAY_NS, domain.clone(), event.name.to_string()))
+                    .or_default()
+                    .add(&g.sess, event.value);
                 e.events_15m
                     .entry((bucket, domain.clone(), event.name.to_string()))
                     .or_default()
@@ -687,6 +605,19 @@ fn listed_notes(cqs: &[ContinuousQuery]) -> Vec<String> {
 
 // ---------------------------------------------------------------------------------------------
 // Comparisons.
+
+/// The median as InfluxDB's `median()` computes it (the mean of the two middle values of an
+/// even number); `None` for no values.
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        n if n % 2 == 1 => Some(v[n / 2]),
+        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
 
 /// Compares every rollup of rollups.influxql (or its sess-tag variant) in `db` with `e`.
 fn check_rollups(influx: &Influx, db: &str, e: &Expected) {
@@ -759,6 +690,80 @@ fn check_rollups(influx: &Influx, db: &str, e: &Expected) {
         .collect();
     assert_same(&format!("{db}: pf_analytics_event_15m"), &got, &want);
 
+    // The daily rollups the report API reads.
+    let got: BTreeMap<(u64, String), _> = rollup(influx, db, "pf_analytics_domain_1d")
+        .iter()
+        .map(|r| {
+            let median = r.get("load_time_median").and_then(Value::as_f64);
+            let key = (time(r), text(r, "domain").expect("domain"));
+            (key, (median, int(r, "load_time_count")))
+        })
+        .collect();
+    let want = e
+        .loads_1d
+        .iter()
+        .map(|(k, loads)| (k.clone(), (median(loads), loads.len() as i64)))
+        .collect();
+    assert_same(
+        &format!("{db}: pf_analytics_domain_1d load times"),
+        &got,
+        &want,
+    );
+    for tag in ["page", "referrer", "platform", "timezone"] {
+        let measurement = format!("pf_analytics_{tag}_1d");
+        let got: BTreeMap<(u64, String, Option<String>), _> = rollup(influx, db, &measurement)
+            .iter()
+            .map(|r| {
+                let key = (time(r), text(r, "domain").expect("domain"), text(r, tag));
+                (key, (int(r, "pageviews"), int(r, "visits")))
+            })
+            .collect();
+        let want = e
+            .tags_1d
+            .iter()
+            .filter(|((t, ..), _)| *t == tag)
+            .map(|((_, day, domain, value), a)| {
+                let key = (*day, domain.clone(), value.clone());
+                (key, (a.count, a.sessions.len() as i64))
+            })
+            .collect();
+        assert_same(&format!("{db}: {measurement}"), &got, &want);
+    }
+    let got: BTreeMap<(u64, String, String), _> = rollup(influx, db, "pf_analytics_event_1d")
+        .iter()
+        .map(|r| {
+            let key = (
+                time(r),
+                text(r, "domain").expect("domain"),
+                text(r, "event").expect("event"),
+            );
+            (key, (int(r, "events"), float(r, "value_sum")))
+        })
+        .collect();
+    let want = e
+        .events_1d
+        .iter()
+        .map(|(k, a)| (k.clone(), (a.count, a.sum)))
+        .collect();
+    assert_same(&format!("{db}: pf_analytics_event_1d"), &got, &want);
+    let got: BTreeMap<(u64, String, String), String> =
+        rollup(influx, db, "pf_analytics_event_note")
+            .iter()
+            .map(|r| {
+                let key = (
+                    time(r),
+                    text(r, "domain").expect("domain"),
+                    text(r, "event").expect("event"),
+                );
+                (key, text(r, "note").expect("note"))
+            })
+            .collect();
+    assert_same(
+        &format!("{db}: pf_analytics_event_note"),
+        &got,
+        &e.event_notes,
+    );
+
     // The rollups keep no visit id and no note: only the tags they group by.
     for (measurement, tags) in [
         (
@@ -768,6 +773,12 @@ fn check_rollups(influx: &Influx, db: &str, e: &Expected) {
         ("pf_analytics_domain_15m", &["domain"][..]),
         ("pf_analytics_domain_1d", &["domain"][..]),
         ("pf_analytics_event_15m", &["domain", "event"][..]),
+        ("pf_analytics_page_1d", &["domain", "page"][..]),
+        ("pf_analytics_referrer_1d", &["domain", "referrer"][..]),
+        ("pf_analytics_platform_1d", &["domain", "platform"][..]),
+        ("pf_analytics_timezone_1d", &["domain", "timezone"][..]),
+        ("pf_analytics_event_1d", &["domain", "event"][..]),
+        ("pf_analytics_event_note", &["domain", "event"][..]),
     ] {
         let keys: Vec<String> = influx
             .rows(
@@ -950,7 +961,7 @@ fn field_sessions_rollups_match_the_data() {
         install(&influx, db, &["rollups.influxql", "event-notes.influxql"])
             .into_iter()
             .partition(|cq| cq.name.starts_with("cq_pf_analytics_event_note_"));
-    assert_eq!(cqs.len(), 4, "{cqs:?}");
+    assert_eq!(cqs.len(), 10, "{cqs:?}");
 
     let (from, to) = data_range();
     let data = generate(from);
@@ -1027,7 +1038,7 @@ fn tag_sessions_rollups_match_the_data() {
     let db = "analytics_tag";
     influx.create_database(db);
     let cqs = install(&influx, db, &["rollups-sess-tag.influxql"]);
-    assert_eq!(cqs.len(), 4, "{cqs:?}");
+    assert_eq!(cqs.len(), 10, "{cqs:?}");
 
     let (from, to) = data_range();
     let data = generate(from);

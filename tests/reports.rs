@@ -16,15 +16,22 @@ mod core;
 #[path = "common/known_answers.rs"]
 mod known_answers;
 
+// The statements of nginx-conf/influxdb/rollups.influxql and their backfill.
+#[path = "common/cq_files.rs"]
+mod cq_files;
+
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::core::report::{format_rfc3339_utc, parse_rfc3339_utc};
-use common::{free_port, query_location, request, FakeSink, Influx, Nginx, Response};
+use common::{
+    free_port, post_with_headers, query_location, request, urlencode, FakeSink, Influx, Nginx,
+    Response,
+};
 use known_answers::{
-    assert_json_eq, data_set, now_ms, rows_csv, rows_json, write_data_set, Expected, DAY, DB,
-    DOMAIN, HOUR, KEYED_TABLES, OTHER,
+    assert_json_eq, data_set, now_ms, rows_csv, rows_json, write_data_set, Expected,
+    ExpectedRollups, Hit, DAY, DB, DOMAIN, HOUR, KEYED_TABLES, OTHER,
 };
 
 /// nginx with a report location (and a second one limited to DOMAIN) querying through
@@ -142,6 +149,173 @@ fn every_report_matches_the_known_answers() {
     nginx.assert_no_crash_in_log();
 }
 
+/// Fills the rollups the report API reads (the daily ones and the notes' copy of
+/// nginx-conf/influxdb/rollups.influxql) from the raw points of `[from, to)` as the README's
+/// backfill does: creates the retention policy, then runs each of those CQs' `SELECT ... INTO`
+/// once with that time range. The CQs themselves are not
+/// created (the test does not wait for InfluxDB to run them). Returns the statements run.
+fn backfill_rollups(influx: &Influx, from_ms: i64, to_ms: i64) -> usize {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/nginx-conf/influxdb/rollups.influxql"
+    );
+    let text = std::fs::read_to_string(path).expect("rollups.influxql");
+    let statements = cq_files::statements(&text);
+    let policy = statements
+        .iter()
+        .filter(|s| s.starts_with("CREATE RETENTION POLICY"))
+        .cloned();
+    let daily = cq_files::continuous_queries(&statements)
+        .into_iter()
+        .filter(|cq| cq.name.ends_with("_1d") || cq.name == "cq_pf_analytics_event_note")
+        .map(|cq| {
+            cq_files::backfill(
+                &cq.select,
+                from_ms as u64 * 1_000_000,
+                to_ms as u64 * 1_000_000,
+            )
+        });
+    let all: Vec<String> = policy.chain(daily).collect();
+    assert_eq!(
+        all.len(),
+        1 + 7,
+        "the policy, six daily rollups and the notes' copy: {all:?}"
+    );
+    for q in &all {
+        let body = format!("q={}", urlencode(q));
+        let response = post_with_headers(
+            influx.port(),
+            &format!("/query?db={DB}"),
+            "127.0.0.1",
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            body.as_bytes(),
+        );
+        assert_eq!(response.status, 200, "{q}: {}", response.body_text());
+        assert!(
+            !response.body_text().contains("\"error\""),
+            "{q}: {}",
+            response.body_text()
+        );
+    }
+    all.len()
+}
+
+/// Compares every report of `[from, to)` (more than two days, no `page=`) with what the daily
+/// rollups give for the whole UTC days it touches.
+fn assert_rollup_answers(port: u16, hits: &[Hit], from: i64, to: i64, range: &str) {
+    let expected = ExpectedRollups::new(hits, from, to);
+    let args = |name: &str| format!("report={name}&domain={DOMAIN}&{range}");
+    assert_json_eq(
+        &report(port, &args("summary")),
+        &expected.summary(),
+        &args("summary"),
+    );
+    assert_json_eq(
+        &report(port, &args("timeseries")),
+        &expected.timeseries(),
+        &args("timeseries"),
+    );
+    for (name, key) in KEYED_TABLES {
+        let rows = expected.table(key, 10);
+        assert_json_eq(&report(port, &args(name)), &rows_json(&rows), &args(name));
+        let all = expected.table(key, 1000);
+        assert_json_eq(
+            &report(port, &format!("{}&limit=1000", args(name))),
+            &rows_json(&all),
+            &args(name),
+        );
+        let csv = get(
+            port,
+            &format!("/analytics/report?{}&format=csv", args(name)),
+        );
+        assert_eq!(csv.status, 200);
+        assert_eq!(csv.body_text(), rows_csv(&rows), "{}", args(name));
+    }
+    assert_json_eq(
+        &report(port, &args("events")),
+        &expected.events(),
+        &args("events"),
+    );
+}
+
+fn every_report_matches_the_known_answers_through_the_rollups() {
+    let influx = Influx::start();
+    influx.create_database(DB);
+    let now = now_ms();
+    let hits = data_set(now);
+    write_data_set(&influx, &hits);
+    let today = now - now.rem_euclid(DAY);
+    backfill_rollups(&influx, today - 12 * DAY, today + 2 * DAY);
+    let (nginx, port) = start_nginx(influx.port());
+
+    // Longer than two days, no page: the whole UTC days, from the rollups.
+    let ten_days = (now - 10 * DAY - HOUR, now + HOUR);
+    let whole = (today - 5 * DAY, today - DAY);
+    let odd = (now - 4 * DAY - 7 * HOUR, now - 20 * HOUR);
+    for (from, to) in [ten_days, whole, odd] {
+        let range = format!("from={}&to={}", rfc3339_ms(from), rfc3339_ms(to));
+        assert_rollup_answers(port, &hits, from, to, &range);
+    }
+    // The widening is visible: the rollups' first day is whole, the raw points' is not.
+    let raw = Expected::new(&hits, odd.0, odd.1, None).summary();
+    let rolled = ExpectedRollups::new(&hits, odd.0, odd.1).summary();
+    assert!(
+        rolled["pageviews"].as_u64() > raw["pageviews"].as_u64(),
+        "{rolled} vs {raw}"
+    );
+    // The visits summed over days differ from the exact count somewhere in the data set.
+    let exact = Expected::new(&hits, whole.0, whole.1, None).table(KEYED_TABLES[0].1, 1000);
+    let summed = ExpectedRollups::new(&hits, whole.0, whole.1).table(KEYED_TABLES[0].1, 1000);
+    assert_ne!(
+        exact, summed,
+        "no visit spans midnight: the test would not see the difference"
+    );
+
+    // Relative periods: 7d reads the rollups too.
+    let seven = ExpectedRollups::new(&hits, now - 7 * DAY, now + 1);
+    let got = report(port, &format!("report=summary&domain={DOMAIN}&period=7d"));
+    assert_json_eq(&got, &seven.summary(), "period=7d");
+
+    // Two days or less, or one page: still the exact raw points.
+    let middle = (now - 6 * DAY - 7 * HOUR, now - 6 * DAY + 29 * HOUR);
+    for ((from, to), page) in [
+        (middle, None),
+        (ten_days, Some("/p/2")),
+        (ten_days, Some("/a'b")),
+    ] {
+        let range = format!("from={}&to={}", rfc3339_ms(from), rfc3339_ms(to));
+        let page_arg = page
+            .map(|p| format!("&page={}", common::urlencode(p)))
+            .unwrap_or_default();
+        let expected = Expected::new(&hits, from, to, page);
+        let args = |name: &str| format!("report={name}&domain={DOMAIN}&{range}{page_arg}");
+        let mut want = expected.summary();
+        want["previous"] = Expected::new(&hits, from - (to - from), from, page).summary();
+        assert_json_eq(&report(port, &args("summary")), &want, &args("summary"));
+        for (name, key) in KEYED_TABLES {
+            let rows = expected.table(key, 1000);
+            assert_json_eq(
+                &report(port, &format!("{}&limit=1000", args(name))),
+                &rows_json(&rows),
+                &args(name),
+            );
+        }
+        assert_json_eq(
+            &report(port, &args("timeseries")),
+            &expected.timeseries(from, to),
+            &args("timeseries"),
+        );
+        assert_json_eq(
+            &report(port, &args("events")),
+            &expected.events(),
+            &args("events"),
+        );
+    }
+    let realtime = report(port, &format!("report=realtime&domain={DOMAIN}"));
+    assert_eq!(realtime, json!({"visits": 2, "pageviews": 3}));
+    nginx.assert_no_crash_in_log();
+}
+
 fn rfc3339_ms(ms: i64) -> String {
     // Whole seconds: the API takes RFC 3339; sub-second precision is not needed here.
     let text = format_rfc3339_utc(ms);
@@ -169,7 +343,9 @@ fn statements_sent(sink: &FakeSink) -> Vec<String> {
 /// scanner knows), and outside of them there is no `;`, no comment, no second statement.
 fn assert_single_statement(statement: &str) {
     assert!(
-        statement.starts_with("SELECT ") || statement.starts_with("SHOW TAG VALUES "),
+        statement.starts_with("SELECT ")
+            || statement.starts_with("SHOW TAG VALUES ")
+            || statement.starts_with("SHOW MEASUREMENTS WITH MEASUREMENT =~ /^("),
         "{statement}"
     );
     let mut chars = statement.chars();
@@ -282,12 +458,45 @@ fn hostile_parameters_are_refused_and_every_statement_is_a_single_escaped_select
     ] {
         let response = get(
             port,
-            &format!("/analytics/report?report={name}&domain={DOMAIN}"),
+            &format!("/analytics/report?report={name}&domain={DOMAIN}&period=30d"),
+        );
+        assert_eq!(response.status, 200, "{name}: {}", response.body_text());
+    }
+    let reports = [
+        "summary",
+        "timeseries",
+        "pages",
+        "referrers",
+        "platforms",
+        "timezones",
+        "events",
+        "realtime",
+    ];
+    let raw_sent = statements_sent(&sink).len();
+
+    // The same reports again once the daily rollups exist: their probe finds them and they
+    // read the rollups.
+    let today = now - now.rem_euclid(DAY);
+    backfill_rollups(&influx, today - 12 * DAY, today + 2 * DAY);
+    for name in reports {
+        let response = get(
+            port,
+            &format!("/analytics/report?report={name}&domain={DOMAIN}&period=30d"),
         );
         assert_eq!(response.status, 200, "{name}: {}", response.body_text());
     }
     let sent = statements_sent(&sink);
-    assert!(sent.len() >= 6 + 12, "{}", sent.len());
+    assert!(raw_sent >= 6 + 12, "{raw_sent}");
+    let rollup_reads = sent[raw_sent..]
+        .iter()
+        .filter(|s| s.contains(" FROM \"rollups\".\"pf_analytics_"))
+        .count();
+    assert_eq!(rollup_reads, 9, "{:?}", &sent[raw_sent..]);
+    let probes = sent
+        .iter()
+        .filter(|s| s.starts_with("SHOW MEASUREMENTS "))
+        .count();
+    assert!(probes >= 7 + 7, "a probe before each long report: {probes}");
     for statement in &sent {
         assert_single_statement(statement);
     }
@@ -344,10 +553,14 @@ fn influxdb_down_is_a_502_with_a_json_error() {
 }
 
 fn main() {
-    let tests: [(&str, fn()); 3] = [
+    let tests: [(&str, fn()); 4] = [
         (
             "every_report_matches_the_known_answers",
             every_report_matches_the_known_answers,
+        ),
+        (
+            "every_report_matches_the_known_answers_through_the_rollups",
+            every_report_matches_the_known_answers_through_the_rollups,
         ),
         (
             "hostile_parameters_are_refused_and_every_statement_is_a_single_escaped_select",

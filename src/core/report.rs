@@ -7,6 +7,11 @@
 //! reach a statement as string literals (domain and page) are escaped for InfluxQL as a second
 //! line of defence. Measurement names come from the configuration (already validated), the
 //! times are integers. Every statement is a single `SELECT` or `SHOW`.
+//!
+//! Two sources: the raw points (exact), and, for ranges longer than two days without `page=`,
+//! the daily rollups of `nginx-conf/influxdb/rollups.influxql` when a probe finds them (whole
+//! UTC days, visits summed per day, the median as the weighted median of daily medians; the
+//! README's "Reports from the rollups").
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -443,8 +448,195 @@ fn quote_ident(name: &str) -> String {
     out
 }
 
-/// The InfluxQL statements that answer `query`, in order; each is one `SELECT` or `SHOW`.
+/// Where a report's numbers come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The raw points: exact.
+    Raw,
+    /// The daily rollups of `nginx-conf/influxdb/rollups.influxql`, for the whole UTC days the
+    /// range touches (see [`rollups_apply`]).
+    Rollups,
+}
+
+/// The retention policy the rollups are written to.
+pub const ROLLUP_POLICY: &str = "rollups";
+
+/// Whether `query` is answered from the daily rollups when they exist: the reports of a range
+/// longer than two days (the time series then has one point per day), not narrowed to one
+/// page (the rollups group by one tag at a time). `realtime` and `domains` always read the raw
+/// points, and so does everything of two days or less.
+pub fn rollups_apply(query: &ReportQuery) -> bool {
+    query.page.is_none()
+        && interval_ms(&query.range) == DAY_MS
+        && matches!(
+            query.report,
+            Report::Summary
+                | Report::Timeseries
+                | Report::Pages
+                | Report::Referrers
+                | Report::Platforms
+                | Report::Timezones
+                | Report::Events
+        )
+}
+
+/// The rollup measurements (in [`ROLLUP_POLICY`]) that `report` reads.
+pub fn rollup_measurements(report: Report, measurements: &Measurements) -> Vec<String> {
+    let pv = |by: &str| format!("{}_{by}_1d", measurements.page_view);
+    let ev = format!("{}_1d", measurements.event);
+    match report {
+        Report::Summary => vec![pv("domain"), ev],
+        Report::Timeseries => vec![pv("domain")],
+        Report::Events => vec![ev, format!("{}_note", measurements.event)],
+        other => other.group_tag().map(pv).into_iter().collect(),
+    }
+}
+
+/// The statement whose answer tells whether the rollups `query` reads exist: one `SHOW
+/// MEASUREMENTS` matching exactly their names (a few milliseconds).
+pub fn rollup_probe(query: &ReportQuery, measurements: &Measurements) -> String {
+    let names: Vec<String> = rollup_measurements(query.report, measurements)
+        .iter()
+        .map(|name| regex_escape(name))
+        .collect();
+    format!(
+        "SHOW MEASUREMENTS WITH MEASUREMENT =~ /^({})$/",
+        names.join("|")
+    )
+}
+
+/// `name` as an exact regular expression: measurement names are `[A-Za-z0-9_.-]` (validated by
+/// the configuration); anything but a letter, digit or `_` is escaped, and a `/` (which would end
+/// the InfluxQL regex) or a non-ASCII character cannot be expressed and never matches.
+fn regex_escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        match c {
+            c if c.is_ascii_alphanumeric() || c == '_' => out.push(c),
+            '.' | '-' | '+' | '*' | '?' | '(' | ')' | '[' | ']' | '{' | '}' | '|' | '^' | '$' => {
+                out.push('\\');
+                out.push(c);
+            }
+            _ => return "[^\\s\\S]".to_string(),
+        }
+    }
+    out
+}
+
+/// Whether the answer to [`rollup_probe`] lists every rollup measurement `query` reads.
+pub fn rollups_found(
+    query: &ReportQuery,
+    measurements: &Measurements,
+    answer: &[u8],
+) -> Result<bool, QueryError> {
+    let names: Vec<String> = series_of(answer)?
+        .iter()
+        .flat_map(|s| s.rows.iter())
+        .filter_map(|row| row.get("name").and_then(Value::as_str))
+        .map(str::to_string)
+        .collect();
+    Ok(rollup_measurements(query.report, measurements)
+        .iter()
+        .all(|wanted| names.contains(wanted)))
+}
+
+/// `range` widened to whole UTC days: the start back to 00:00, the end on to the next 00:00.
+pub fn whole_days(range: &TimeRange) -> TimeRange {
+    let from_ms = range.from_ms - range.from_ms.rem_euclid(DAY_MS);
+    let past = range.to_ms.rem_euclid(DAY_MS);
+    let to_ms = if past == 0 {
+        range.to_ms
+    } else {
+        range.to_ms + (DAY_MS - past)
+    };
+    TimeRange { from_ms, to_ms }
+}
+
+/// The InfluxQL statements that answer `query` from `source`, in order; each is one `SELECT`
+/// or `SHOW`.
 pub fn statements(
+    query: &ReportQuery,
+    measurements: &Measurements,
+    visits: SessionStorage,
+    source: Source,
+) -> Vec<String> {
+    match source {
+        Source::Rollups if rollups_apply(query) => rollup_statements(query, measurements, visits),
+        _ => raw_statements(query, measurements, visits),
+    }
+}
+
+/// The statements of `query` over the daily rollups, for the whole UTC days of its range.
+fn rollup_statements(
+    query: &ReportQuery,
+    measurements: &Measurements,
+    visits: SessionStorage,
+) -> Vec<String> {
+    let days = whole_days(&query.range);
+    let policy = quote_ident(ROLLUP_POLICY);
+    let rollup = |name: String| format!("{policy}.{}", quote_ident(&name));
+    let filter = |range: &TimeRange| {
+        let mut cond = String::new();
+        if let Some(domain) = &query.domain {
+            let _ = write!(cond, "\"domain\" = {} AND ", quote_literal(domain));
+        }
+        cond.push_str(&range.condition());
+        cond
+    };
+    let pv = |by: &str| rollup(format!("{}_{by}_1d", measurements.page_view));
+    let ev = rollup(format!("{}_1d", measurements.event));
+    match query.report {
+        Report::Summary => {
+            // Both periods in one statement each; the answer splits the days at `from`.
+            let both = TimeRange {
+                from_ms: days.previous().from_ms,
+                to_ms: days.to_ms,
+            };
+            vec![
+                format!(
+                    "SELECT \"pageviews\", \"visits\", \"load_time_median\", \
+                     \"load_time_count\" FROM {} WHERE {}",
+                    pv("domain"),
+                    filter(&both)
+                ),
+                format!("SELECT \"events\" FROM {ev} WHERE {}", filter(&both)),
+            ]
+        }
+        Report::Timeseries => vec![format!(
+            "SELECT \"pageviews\", \"visits\" FROM {} WHERE {}",
+            pv("domain"),
+            filter(&days)
+        )],
+        Report::Pages | Report::Referrers | Report::Platforms | Report::Timezones => {
+            let tag = query.report.group_tag().unwrap_or("page");
+            vec![format!(
+                "SELECT sum(\"pageviews\") AS \"pageviews\", sum(\"visits\") AS \"visits\" \
+                 FROM {} WHERE {} GROUP BY \"{tag}\"",
+                pv(tag),
+                filter(&days)
+            )]
+        }
+        Report::Events => vec![
+            format!(
+                "SELECT sum(\"events\") AS \"count\", sum(\"value_sum\") AS \"value_sum\" \
+                 FROM {ev} WHERE {} GROUP BY \"event\"",
+                filter(&days)
+            ),
+            // Notes are a field, which no rollup can group by: they come from the copy of
+            // every event's note, tagged by site and event only (as from the raw points).
+            format!(
+                "SELECT \"note\" FROM {} WHERE {} AND \"note\" != '' GROUP BY \"event\" \
+                 LIMIT {MAX_NOTES_READ}",
+                rollup(format!("{}_note", measurements.event)),
+                filter(&days)
+            ),
+        ],
+        Report::Domains | Report::Realtime => raw_statements(query, measurements, visits),
+    }
+}
+
+/// The statements of `query` over the raw points.
+fn raw_statements(
     query: &ReportQuery,
     measurements: &Measurements,
     visits: SessionStorage,
@@ -618,9 +810,108 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
-/// Builds the answer of `query` from the InfluxDB answers to its [`statements`], in order.
-/// `domains` filters the `domains` report (the location's `analytics_domains`).
+/// Builds the answer of `query` from the InfluxDB answers to its [`statements`] from `source`,
+/// in order. `domains` filters the `domains` report (the location's `analytics_domains`).
 pub fn answer(
+    query: &ReportQuery,
+    visits: SessionStorage,
+    domains: Option<&[DomainPattern]>,
+    source: Source,
+    answers: &[Vec<u8>],
+) -> Result<Answer, QueryError> {
+    if source == Source::Rollups && rollups_apply(query) {
+        let mut days = query.clone();
+        days.range = whole_days(&query.range);
+        if query.report == Report::Summary {
+            return rollup_summary(&days, visits, answers);
+        }
+        // The other rollup statements answer in the shape of the raw ones.
+        return raw_answer(&days, visits, domains, answers);
+    }
+    raw_answer(query, visits, domains, answers)
+}
+
+/// The `summary` of `days` (whole UTC days) from the daily rollup rows of both periods.
+fn rollup_summary(
+    days: &ReportQuery,
+    visits: SessionStorage,
+    answers: &[Vec<u8>],
+) -> Result<Answer, QueryError> {
+    let [views, events] = answers else {
+        return Err(QueryError(
+            "the rollup summary needs two answers".to_string(),
+        ));
+    };
+    let views = series_of(views)?;
+    let events = series_of(events)?;
+    let from = days.range.from_ms;
+    let current = |row: &Map<String, Value>| row.get("time").and_then(Value::as_i64) >= Some(from);
+    let period = |now: bool| {
+        let rows: Vec<&Map<String, Value>> = views
+            .iter()
+            .flat_map(|s| s.rows.iter())
+            .filter(|r| current(r) == now)
+            .collect();
+        let sum = |column: &str| -> u64 { rows.iter().map(|r| count(Some(r), column)).sum() };
+        let medians: Vec<(f64, u64)> = rows
+            .iter()
+            .filter_map(|r| {
+                let median = r.get("load_time_median").and_then(Value::as_f64)?;
+                let n = count(Some(r), "load_time_count");
+                (n > 0).then_some((median, n))
+            })
+            .collect();
+        let events: u64 = events
+            .iter()
+            .flat_map(|s| s.rows.iter())
+            .filter(|r| current(r) == now)
+            .map(|r| count(Some(r), "events"))
+            .sum();
+        json!({
+            "pageviews": sum("pageviews"),
+            "visits": match visits {
+                SessionStorage::Off => Value::Null,
+                _ => json!(sum("visits")),
+            },
+            "events": events,
+            "load_time_ms_median": weighted_median(medians).map_or(Value::Null, |m| json!(m)),
+        })
+    };
+    let mut json = period(true);
+    json["previous"] = period(false);
+    Ok(Answer {
+        content_type: "application/json",
+        body: json.to_string().into_bytes(),
+    })
+}
+
+/// The median of several days' load times from each day's median and number of load times: the
+/// count-weighted median of the daily medians (the median of one day is exact; over several
+/// days it approximates the median of all load times, see the README). When the weights split
+/// exactly in half, the mean of the two middle medians, as for an even number of values.
+pub fn weighted_median(mut days: Vec<(f64, u64)>) -> Option<f64> {
+    days.retain(|(m, n)| *n > 0 && m.is_finite());
+    days.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total: u64 = days.iter().map(|d| d.1).sum();
+    let mut below = 0u64;
+    for (i, (median, n)) in days.iter().enumerate() {
+        below += n;
+        if below * 2 > total {
+            return Some(*median);
+        }
+        if below * 2 == total {
+            return Some(
+                days.get(i + 1)
+                    .map_or(*median, |next| (median + next.0) / 2.0),
+            );
+        }
+    }
+    None
+}
+
+/// Builds the answer of `query` from the answers to its raw statements (or rollup statements
+/// shaped like them).
+fn raw_answer(
     query: &ReportQuery,
     visits: SessionStorage,
     domains: Option<&[DomainPattern]>,
@@ -967,7 +1258,7 @@ mod tests {
                 SessionStorage::Tag,
                 SessionStorage::Off,
             ] {
-                for statement in statements(&query, &Measurements::default(), visits) {
+                for statement in statements(&query, &Measurements::default(), visits, Source::Raw) {
                     assert!(statement.starts_with("SELECT "), "{statement}");
                     assert!(
                         !statement.contains(';') || page.contains(';'),
@@ -1018,7 +1309,7 @@ mod tests {
             ("report=realtime&domain=a.b", 1),
         ] {
             let q = parse(args).unwrap();
-            let all = statements(&q, &m, SessionStorage::Field);
+            let all = statements(&q, &m, SessionStorage::Field, Source::Raw);
             assert_eq!(all.len(), n, "{args}");
             for s in all {
                 assert!(
@@ -1034,14 +1325,187 @@ mod tests {
             &parse("report=timeseries&domain=a.b&period=24h").unwrap(),
             &m,
             SessionStorage::Field,
+            Source::Raw,
         );
         assert!(ts[0].contains("GROUP BY time(1h) fill(0)"), "{}", ts[0]);
         let ts = statements(
             &parse("report=timeseries&domain=a.b&period=30d").unwrap(),
             &m,
             SessionStorage::Field,
+            Source::Raw,
         );
         assert!(ts[0].contains("GROUP BY time(1d) fill(0)"), "{}", ts[0]);
+    }
+
+    #[test]
+    fn rollups_answer_long_ranges_without_a_page() {
+        for (args, apply) in [
+            ("report=summary&domain=a.b&period=30d", true),
+            ("report=timeseries&domain=a.b&period=7d", true),
+            ("report=pages&domain=a.b&period=90d", true),
+            ("report=events&domain=a.b&period=30d", true),
+            ("report=summary&domain=a.b&period=24h", false),
+            ("report=pages&domain=a.b&period=today", false),
+            ("report=summary&domain=a.b&period=30d&page=/a", false),
+            ("report=realtime&domain=a.b", false),
+            ("report=domains&period=30d", false),
+            (
+                "report=pages&domain=a.b&from=2026-11-01T00:00:00Z&to=2026-11-03T00:00:00Z",
+                false,
+            ),
+            (
+                "report=pages&domain=a.b&from=2026-11-01T00:00:00Z&to=2026-11-03T00:00:01Z",
+                true,
+            ),
+        ] {
+            let q = parse(args).unwrap();
+            assert_eq!(rollups_apply(&q), apply, "{args}");
+            let raw = statements(
+                &q,
+                &Measurements::default(),
+                SessionStorage::Field,
+                Source::Raw,
+            );
+            let rollups = statements(
+                &q,
+                &Measurements::default(),
+                SessionStorage::Field,
+                Source::Rollups,
+            );
+            assert_eq!(raw == rollups, !apply, "{args}: {rollups:?}");
+        }
+    }
+
+    #[test]
+    fn whole_days_widen_a_range() {
+        let day = parse_rfc3339_utc("2026-11-02T00:00:00Z").unwrap();
+        for (from, to, want) in [
+            (day, day + DAY_MS, (day, day + DAY_MS)),
+            (day + 1, day + DAY_MS - 1, (day, day + DAY_MS)),
+            (day - 1, day + 1, (day - DAY_MS, day + DAY_MS)),
+        ] {
+            let got = whole_days(&TimeRange {
+                from_ms: from,
+                to_ms: to,
+            });
+            assert_eq!((got.from_ms, got.to_ms), want, "{from}..{to}");
+        }
+    }
+
+    #[test]
+    fn the_weighted_median_of_daily_medians() {
+        for (days, want) in [
+            (vec![], None),
+            (vec![(5.0, 0)], None),
+            (vec![(5.0, 3)], Some(5.0)),
+            (vec![(9.0, 1), (1.0, 1), (5.0, 1)], Some(5.0)),
+            (vec![(1.0, 1), (3.0, 1)], Some(2.0)),
+            (vec![(1.0, 10), (100.0, 1), (50.0, 1)], Some(1.0)),
+            (vec![(1.0, 2), (3.0, 1), (7.0, 1)], Some(2.0)),
+            (vec![(f64::NAN, 5), (4.0, 1)], Some(4.0)),
+        ] {
+            assert_eq!(weighted_median(days.clone()), want, "{days:?}");
+        }
+    }
+
+    #[test]
+    fn rollup_statements_are_single_selects_and_the_probe_matches_names_exactly() {
+        let m = Measurements {
+            page_view: "pv.x-1".to_string(),
+            event: "ev".to_string(),
+        };
+        for report in [
+            "summary",
+            "timeseries",
+            "pages",
+            "referrers",
+            "platforms",
+            "timezones",
+            "events",
+        ] {
+            let q = parse(&format!("report={report}&domain=a.b&period=30d")).unwrap();
+            let probe = rollup_probe(&q, &m);
+            assert!(
+                probe.starts_with("SHOW MEASUREMENTS WITH MEASUREMENT =~ /^(")
+                    && probe.ends_with(")$/"),
+                "{probe}"
+            );
+            assert!(!probe.contains("pv.x-1"), "escaped: {probe}");
+            for s in statements(&q, &m, SessionStorage::Field, Source::Rollups) {
+                assert!(s.starts_with("SELECT "), "{s}");
+                assert!(!s.contains(';'), "{s}");
+                assert!(s.contains("\"domain\" = 'a.b'"), "{s}");
+                assert!(s.contains("FROM \"rollups\".\""), "{s}");
+            }
+        }
+        assert_eq!(regex_escape("pv.x-1"), "pv\\.x\\-1");
+        assert_eq!(regex_escape("a/b"), "[^\\s\\S]");
+        let q = parse("report=summary&domain=a.b&period=30d").unwrap();
+        let listed = |names: &[&str]| {
+            let values: Vec<String> = names.iter().map(|n| format!("[\"{n}\"]")).collect();
+            influx(&format!(
+                r#","series":[{{"name":"measurements","columns":["name"],"values":[{}]}}]"#,
+                values.join(",")
+            ))
+        };
+        let d = Measurements::default();
+        let both = listed(&["pf_analytics_domain_1d", "pf_analytics_event_1d"]);
+        assert_eq!(rollups_found(&q, &d, &both), Ok(true));
+        let one = listed(&["pf_analytics_domain_1d"]);
+        assert_eq!(rollups_found(&q, &d, &one), Ok(false));
+        assert_eq!(rollups_found(&q, &d, &influx("")), Ok(false));
+        assert!(rollups_found(&q, &d, b"{}").is_err());
+    }
+
+    #[test]
+    fn the_rollup_summary_splits_the_days_of_both_periods() {
+        let q =
+            parse("report=summary&domain=a.b&from=2026-11-04T06:00:00Z&to=2026-11-06T12:00:00Z")
+                .unwrap();
+        // Widened: 2026-11-04..07 (3 days); previous: 2026-11-01..04.
+        let day = |d: &str| parse_rfc3339_utc(&format!("2026-11-{d}T00:00:00Z")).unwrap();
+        let views = influx(&format!(
+            r#","series":[{{"name":"x","columns":["time","pageviews","visits","load_time_median","load_time_count"],"values":[
+            [{},10,4,100,8],[{},5,5,null,0],[{},7,3,300,4],[{},1,1,200,1]]}}]"#,
+            day("02"),
+            day("03"),
+            day("04"),
+            day("06")
+        ));
+        let events = influx(&format!(
+            r#","series":[{{"name":"y","columns":["time","events"],"values":[[{},2],[{},3],[{},4]]}}]"#,
+            day("03"),
+            day("05"),
+            day("05")
+        ));
+        let body = answer(
+            &q,
+            SessionStorage::Field,
+            None,
+            Source::Rollups,
+            &[views.clone(), events.clone()],
+        )
+        .unwrap()
+        .body;
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            json,
+            json!({"pageviews": 8, "visits": 4, "events": 7, "load_time_ms_median": 300.0,
+                   "previous": {"pageviews": 15, "visits": 9, "events": 2,
+                                "load_time_ms_median": 100.0}})
+        );
+        let off = answer(
+            &q,
+            SessionStorage::Off,
+            None,
+            Source::Rollups,
+            &[views, events],
+        )
+        .unwrap()
+        .body;
+        let json: Value = serde_json::from_slice(&off).unwrap();
+        assert_eq!(json["visits"], Value::Null);
+        assert_eq!(json["previous"]["visits"], Value::Null);
     }
 
     fn influx(series: &str) -> Vec<u8> {
@@ -1059,9 +1523,15 @@ mod tests {
             {"name":"pf_analytics","tags":{"platform":"Mac"},"columns":["time","pageviews","visits"],"values":[[0,1,1]]}]"#,
         );
         let json: Value = serde_json::from_slice(
-            &answer(&q, SessionStorage::Field, None, std::slice::from_ref(&body))
-                .unwrap()
-                .body,
+            &answer(
+                &q,
+                SessionStorage::Field,
+                None,
+                Source::Raw,
+                std::slice::from_ref(&body),
+            )
+            .unwrap()
+            .body,
         )
         .unwrap();
         assert_eq!(
@@ -1074,7 +1544,7 @@ mod tests {
         );
         q.format = Format::Csv;
         let csv = String::from_utf8(
-            answer(&q, SessionStorage::Field, None, &[body])
+            answer(&q, SessionStorage::Field, None, Source::Raw, &[body])
                 .unwrap()
                 .body,
         )
@@ -1110,11 +1580,18 @@ mod tests {
             b"<html>502</html>",
             b"{}",
         ] {
-            assert!(answer(&q, SessionStorage::Field, None, &[body.to_vec()]).is_err());
+            assert!(answer(
+                &q,
+                SessionStorage::Field,
+                None,
+                Source::Raw,
+                &[body.to_vec()]
+            )
+            .is_err());
         }
         let empty = influx("");
         let json: Value = serde_json::from_slice(
-            &answer(&q, SessionStorage::Off, None, &[empty])
+            &answer(&q, SessionStorage::Off, None, Source::Raw, &[empty])
                 .unwrap()
                 .body,
         )
@@ -1132,7 +1609,7 @@ mod tests {
             r#","series":[{{"name":"pf_analytics","columns":["time","pageviews","visits"],"values":[[{day2},4,2]]}}]"#
         ));
         let json: Value = serde_json::from_slice(
-            &answer(&q, SessionStorage::Field, None, &[body])
+            &answer(&q, SessionStorage::Field, None, Source::Raw, &[body])
                 .unwrap()
                 .body,
         )

@@ -328,6 +328,109 @@ pub fn rows_csv(rows: &[(String, usize, usize)]) -> String {
     csv
 }
 
+/// `[from, to)` widened to whole UTC days, as the report API reads the daily rollups.
+pub fn whole_days(from: i64, to: i64) -> (i64, i64) {
+    let end = if to.rem_euclid(DAY) == 0 {
+        to
+    } else {
+        to - to.rem_euclid(DAY) + DAY
+    };
+    (from - from.rem_euclid(DAY), end)
+}
+
+/// The median of `values` (the mean of the two middle ones for an even number), as InfluxDB's
+/// `median()`; `None` for none.
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        n if n % 2 == 1 => Some(values[n / 2]),
+        n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+/// What the report API answers from the daily rollups (rollups.influxql) for `[from, to)`:
+/// the whole UTC days the range touches; visits are distinct sessions per UTC day, summed over
+/// the days (per key for a table); the median load time is the median of the daily medians,
+/// each counted as many times as its day had load times.
+pub struct ExpectedRollups<'a> {
+    pub all: &'a [Hit],
+    pub from: i64,
+    pub to: i64,
+}
+
+impl<'a> ExpectedRollups<'a> {
+    pub fn new(all: &'a [Hit], from: i64, to: i64) -> Self {
+        let (from, to) = whole_days(from, to);
+        ExpectedRollups { all, from, to }
+    }
+
+    /// The exact numbers of each UTC day of the range.
+    fn days(&self) -> Vec<Expected<'a>> {
+        (self.from..self.to)
+            .step_by(DAY as usize)
+            .map(|day| Expected::new(self.all, day, day + DAY, None))
+            .collect()
+    }
+
+    fn period(&self) -> Value {
+        let days = self.days();
+        let mut medians = Vec::new();
+        for day in &days {
+            let mut loads: Vec<f64> = day.views().filter_map(|h| h.load_time).collect();
+            if let Some(m) = median(&mut loads) {
+                medians.extend(std::iter::repeat(m).take(loads.len()));
+            }
+        }
+        json!({
+            "pageviews": days.iter().map(|d| d.views().count()).sum::<usize>(),
+            "visits": days.iter().map(|d| Expected::visits(d.views())).sum::<usize>(),
+            "events": days.iter().map(|d| d.hits.iter().filter(|h| h.event.is_some()).count()).sum::<usize>(),
+            "load_time_ms_median": median(&mut medians).map_or(Value::Null, |m| json!(m)),
+        })
+    }
+
+    /// The `summary` answer, `previous` included.
+    pub fn summary(&self) -> Value {
+        let mut now = self.period();
+        let before = ExpectedRollups {
+            all: self.all,
+            from: self.from - (self.to - self.from),
+            to: self.from,
+        };
+        now["previous"] = before.period();
+        now
+    }
+
+    /// A keyed table: page views per key, visits per key summed over the days.
+    pub fn table(&self, key: GroupKey, limit: usize) -> Vec<(String, usize, usize)> {
+        let mut rows: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for day in self.days() {
+            for (k, pageviews, visits) in day.table(key, usize::MAX) {
+                let row = rows.entry(k).or_default();
+                row.0 += pageviews;
+                row.1 += visits;
+            }
+        }
+        let mut rows: Vec<(String, usize, usize)> =
+            rows.into_iter().map(|(k, (p, v))| (k, p, v)).collect();
+        rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        rows.truncate(limit);
+        rows
+    }
+
+    /// The time series: one exact point per day.
+    pub fn timeseries(&self) -> Value {
+        Expected::new(self.all, self.from, self.to, None).timeseries(self.from, self.to)
+    }
+
+    /// The events of the whole days (their notes from the notes' copy, exact).
+    pub fn events(&self) -> Value {
+        Expected::new(self.all, self.from, self.to, None).events()
+    }
+}
+
 /// Compares JSON, treating numbers as equal within a relative 1e-9 (float sums and medians).
 pub fn assert_json_eq(actual: &Value, expected: &Value, what: &str) {
     fn close(a: &Value, b: &Value) -> bool {
