@@ -62,7 +62,11 @@ pub unsafe extern "C" fn report_handler(r: *mut ngx_http_request_t) -> ngx_int_t
 }
 
 fn handle_report(request: &mut Request) -> ngx_int_t {
-    let ctx = request.pool().allocate(RequestCtx::default());
+    // `$analytics_status` is about beacons: empty for a report.
+    let ctx = request.pool().allocate(RequestCtx {
+        outcome: "",
+        ..RequestCtx::default()
+    });
     if ctx.is_null() {
         return NGX_ERROR;
     }
@@ -188,30 +192,36 @@ fn step(r: *mut ngx_http_request_t) -> ngx_int_t {
                 Some(format!("InfluxDB answered {status}: {message}"))
             }
         };
-        if let Some(message) = failure {
+        let probing = state.source.is_none();
+        if let (Some(message), false) = (&failure, probing && capture.status != 0) {
             ngx_log_error!(
                 NGX_LOG_ERR,
                 request.log(),
                 "analytics: report query failed: {message}"
             );
-            return json_error(request, 502, &message);
+            return json_error(request, 502, message);
         }
         let body = capture.take_body();
-        if state.source.is_none() {
+        if probing {
             let Some(lcf) = HttpAnalyticsModule::location_conf(request) else {
                 return INTERNAL_ERROR;
             };
-            let source = match rollups_found(&state.query, lcf.measurements(), &body) {
+            // A probe InfluxDB answers but does not understand (an InfluxDB whose InfluxQL has
+            // no `SHOW MEASUREMENTS ... WITH`): no rollups, the raw points answer.
+            let found = match failure {
+                Some(message) => Err(message),
+                None => rollups_found(&state.query, lcf.measurements(), &body).map_err(|e| e.0),
+            };
+            let source = match found {
                 Ok(true) => Source::Rollups,
                 Ok(false) => Source::Raw,
-                Err(err) => {
+                Err(message) => {
                     ngx_log_error!(
-                        NGX_LOG_ERR,
+                        ngx::ffi::NGX_LOG_INFO,
                         request.log(),
-                        "analytics: report query failed: {}",
-                        err.0
+                        "analytics: report rollup probe failed ({message}), the raw points answer"
                     );
-                    return json_error(request, 502, &err.0);
+                    Source::Raw
                 }
             };
             state.source = Some(source);

@@ -552,8 +552,41 @@ fn influxdb_down_is_a_502_with_a_json_error() {
     }
 }
 
+/// An InfluxDB that answers the rollup probe with an error (one whose InfluxQL lacks
+/// `SHOW MEASUREMENTS ... WITH`) gets the report from the raw points, not a 502.
+fn a_rollup_probe_influxdb_refuses_falls_back_to_the_raw_points() {
+    let influx = Influx::start();
+    influx.create_database(DB);
+    write_data_set(&influx, &data_set(now_ms())[..200]);
+    let sink = FakeSink::start();
+    sink.skip_privacy_audit();
+    sink.set_forward(Some(&influx.addr()));
+    let (nginx, port) = start_nginx(sink.port());
+    let args = format!("report=summary&domain={DOMAIN}&period=30d");
+    let raw = report(port, &args);
+    assert!(raw["pageviews"].as_u64().is_some_and(|n| n > 0), "{raw}");
+    sink.clear_requests();
+    sink.push_response(
+        400,
+        r#"{"error":"error parsing query: found WITH, expected ; at line 1, char 19"}"#,
+    );
+    assert_eq!(
+        report(port, &args),
+        raw,
+        "the same numbers, from the raw points"
+    );
+    let sent = statements_sent(&sink);
+    assert!(
+        sent.first()
+            .is_some_and(|s| s.starts_with("SHOW MEASUREMENTS"))
+            && sent.len() > 1,
+        "the probe, then the raw statements: {sent:?}"
+    );
+    assert!(nginx.wait_for_log("rollup probe failed", Duration::from_secs(5)));
+}
+
 fn main() {
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
         (
             "every_report_matches_the_known_answers",
             every_report_matches_the_known_answers,
@@ -569,6 +602,10 @@ fn main() {
         (
             "influxdb_down_is_a_502_with_a_json_error",
             influxdb_down_is_a_502_with_a_json_error,
+        ),
+        (
+            "a_rollup_probe_influxdb_refuses_falls_back_to_the_raw_points",
+            a_rollup_probe_influxdb_refuses_falls_back_to_the_raw_points,
         ),
     ];
     common::run_tests(&tests);

@@ -380,7 +380,7 @@ impl<'a> ExpectedRollups<'a> {
         for day in &days {
             let mut loads: Vec<f64> = day.views().filter_map(|h| h.load_time).collect();
             if let Some(m) = median(&mut loads) {
-                medians.extend(std::iter::repeat(m).take(loads.len()));
+                medians.extend(std::iter::repeat_n(m, loads.len()));
             }
         }
         json!({
