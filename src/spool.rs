@@ -257,38 +257,36 @@ pub unsafe fn settle_identities(
     cf: *mut ngx_conf_t,
     sinks: &mut [SpoolSink],
 ) -> Result<(), String> {
-    for pass in 0..2 {
-        let mut clash = false;
-        for i in 0..sinks.len() {
-            let shared = sinks.iter().enumerate().any(|(j, other)| {
-                j != i
-                    && other.server != sinks[i].server
-                    && other.conf.dir == sinks[i].conf.dir
-                    && other.identity == sinks[i].identity
-            });
-            if !shared {
-                continue;
-            }
-            if pass == 1 {
-                return Err(format!(
-                    "cannot tell the spools of two server blocks apart: both are \"{}\" (give \
-                     them different server names or listen addresses, or different spool \
-                     directories)",
-                    sinks[i].identity
-                ));
-            }
-            clash = true;
-            // SAFETY: the server configuration of a registered sink lives in the configuration
-            // pool; `cf` is valid (see the caller).
-            let cscf = unsafe { &*sinks[i].cscf };
-            // SAFETY: as above.
-            sinks[i].identity = unsafe { server_identity(cf, cscf, &sinks[i].uri, true) };
-        }
-        if !clash {
-            break;
-        }
+    let clashing = |sinks: &[SpoolSink]| -> Vec<usize> {
+        (0..sinks.len())
+            .filter(|&i| {
+                sinks.iter().enumerate().any(|(j, other)| {
+                    j != i
+                        && other.server != sinks[i].server
+                        && other.conf.dir == sinks[i].conf.dir
+                        && other.identity == sinks[i].identity
+                })
+            })
+            .collect()
+    };
+    // Every block of a clash changes, whatever the order of the configuration: none keeps the
+    // plain identity, so files spooled under it are left alone (logged as belonging to no
+    // block) rather than replayed into one of them.
+    for i in clashing(sinks) {
+        // SAFETY: the server configuration of a registered sink lives in the configuration
+        // pool; `cf` is valid (see the caller).
+        let cscf = unsafe { &*sinks[i].cscf };
+        // SAFETY: as above.
+        sinks[i].identity = unsafe { server_identity(cf, cscf, &sinks[i].uri, true) };
     }
-    Ok(())
+    match clashing(sinks).first() {
+        Some(&i) => Err(format!(
+            "cannot tell the spools of two server blocks apart: both are \"{}\" (give them \
+             different server names or listen addresses, or different spool directories)",
+            sinks[i].identity
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Configuration check (`postconfiguration`): every spool directory exists (it is created
@@ -981,6 +979,9 @@ impl Spool {
             .as_ref()
             .is_some_and(|own| own.read_at >= ROTATE_AT);
         if rotate && !replaying_own {
+            // Background lines not flushed yet go to disk before the flag moves on to the new
+            // file.
+            self.flush();
             if let Some(own) = self.own.take() {
                 self.adopted.push_back(own);
             }
@@ -1033,6 +1034,18 @@ impl Spool {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
+            if let Some(creating) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".new")) {
+                // A file a worker was killed while creating (before its rename): unlocked, it is
+                // nobody's and empty.
+                if parse_file_name(creating).is_some_and(|(id, ..)| id == self.id) {
+                    let path = format!("{}/{name}", self.conf.dir);
+                    let unlocked = File::open(&path).is_ok_and(|f| f.try_lock().is_ok());
+                    if unlocked {
+                        let _ = fs::remove_file(&path);
+                    }
+                }
+                continue;
+            }
             let Some((id, _, millis)) = parse_file_name(name) else {
                 continue;
             };
@@ -1046,16 +1059,14 @@ impl Spool {
             let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else {
                 continue;
             };
-            let Ok(meta) = file.metadata() else { continue };
             match file.try_lock() {
-                // Unlinked by its owner (drained) between our open and our lock: nothing there.
-                Ok(()) if meta.nlink() == 0 => {}
-                Ok(()) => {
-                    // Its size once locked: the owner may have appended until it went away.
-                    let size = file.metadata().map_or(meta.len(), |m| m.len());
-                    found.push((millis, path, file, size));
-                }
-                Err(_) => others += meta.len(),
+                // What the file is once locked: its owner may have appended until it went
+                // away, or unlinked it (drained) between our open and our lock.
+                Ok(()) => match file.metadata() {
+                    Ok(meta) if meta.nlink() > 0 => found.push((millis, path, file, meta.len())),
+                    _ => {}
+                },
+                Err(_) => others += file.metadata().map_or(0, |m| m.len()),
             }
         }
         self.others_bytes = others;
@@ -1564,6 +1575,9 @@ pub fn exit_process() {
     SPOOLS.with(|spools| {
         for spool in spools.borrow_mut().iter_mut() {
             spool.log_refusals();
+            for done in spool.adopted.iter().filter(|f| f.unread() == 0) {
+                let _ = fs::remove_file(&done.path);
+            }
             let Some(own) = spool.own.as_mut() else {
                 continue;
             };
