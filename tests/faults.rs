@@ -4,8 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -14,7 +12,10 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use common::points::sink_points;
-use common::{free_port, send_signal, wait_until, Conn, FakeSink, Nginx, NginxOptions, SIGKILL};
+use common::{
+    free_port, send_signal, try_post, wait_until, Conn, FakeSink, Nginx, NginxOptions, Outcome,
+    SIGKILL,
+};
 
 /// Bound for any single answer (the slowest fault is the 1 s proxy_read_timeout).
 const ANSWER_BOUND: Duration = Duration::from_secs(4);
@@ -268,50 +269,6 @@ fn sink_faults_give_defined_answers_one_log_line_and_keep_the_connection() {
     eprintln!("faults: {survived} sink faults survived (7 kinds x 2 modes), worker {workers:?}");
 }
 
-/// The outcome of one beacon sent by [`try_post`].
-#[derive(Debug, Clone, PartialEq)]
-enum Outcome {
-    Status(u16),
-    /// The connection failed, was reset or closed without an answer.
-    ConnError(String),
-}
-
-/// `POST /wait` on a fresh connection, without panicking on connection errors.
-fn try_post(port: u16, body: &[u8]) -> Outcome {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-        Ok(s) => s,
-        Err(e) => return Outcome::ConnError(format!("connect: {e}")),
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-    let mut req = format!(
-        "POST /wait HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    if let Err(e) = stream.write_all(&req) {
-        return Outcome::ConnError(format!("write: {e}"));
-    }
-    let mut answer = Vec::new();
-    match stream.read_to_end(&mut answer) {
-        Ok(_) => {}
-        Err(e) if answer.is_empty() => return Outcome::ConnError(format!("read: {e}")),
-        Err(_) => {}
-    }
-    let text = String::from_utf8_lossy(&answer);
-    match text
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|s| s.parse().ok())
-    {
-        Some(status) => Outcome::Status(status),
-        None => Outcome::ConnError(format!("no answer ({} bytes)", answer.len())),
-    }
-}
-
 /// What the flowing clients saw.
 struct Flow {
     /// (session, outcome) of every beacon.
@@ -335,7 +292,7 @@ fn flow(port: u16, disrupt: impl FnOnce()) -> Flow {
                 let mut outcomes = Vec::with_capacity(PER_THREAD);
                 for i in 0..PER_THREAD {
                     let sess = format!("t{t}-{i}");
-                    outcomes.push((sess.clone(), try_post(port, &beacon(&sess))));
+                    outcomes.push((sess.clone(), try_post(port, "/wait", &beacon(&sess))));
                     sent.fetch_add(1, Ordering::SeqCst);
                     // Pace the flow so the disruption lands in the middle of it.
                     thread::sleep(Duration::from_millis(2));

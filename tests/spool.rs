@@ -13,8 +13,6 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -26,8 +24,8 @@ use serde_json::json;
 
 use common::points::Point;
 use common::{
-    free_port, is_root, nginx_test_config_with, send_signal, wait_until, write_location, FakeSink,
-    Influx, Nginx, NginxOptions, TestDir, SIGKILL,
+    free_port, is_root, nginx_test_config_with, send_signal, try_post, wait_until, write_location,
+    FakeSink, Influx, Nginx, NginxOptions, Outcome, TestDir, SIGKILL,
 };
 
 /// How long InfluxDB stays down in the outage cases (issue 10: "stopped for 20 s").
@@ -262,51 +260,6 @@ fn wait_until_stored(influx: &Influx, expected: &BTreeSet<String>) -> HashMap<St
 
 // ---------------------------------------------------------------------------------------------
 // Clients.
-
-/// The outcome of one beacon.
-#[derive(Debug, Clone, PartialEq)]
-enum Outcome {
-    Status(u16),
-    /// The connection failed, was reset or closed without an answer (nginx restarting, a
-    /// worker killed with the request on it).
-    ConnError(String),
-}
-
-/// `POST <path>` of `body` on a fresh connection, without panicking on connection errors.
-fn try_post(port: u16, path: &str, body: &[u8]) -> Outcome {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-        Ok(s) => s,
-        Err(e) => return Outcome::ConnError(format!("connect: {e}")),
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(body);
-    if let Err(e) = stream.write_all(&req) {
-        return Outcome::ConnError(format!("write: {e}"));
-    }
-    let mut answer = Vec::new();
-    match stream.read_to_end(&mut answer) {
-        Ok(_) => {}
-        Err(e) if answer.is_empty() => return Outcome::ConnError(format!("read: {e}")),
-        Err(_) => {}
-    }
-    let text = String::from_utf8_lossy(&answer);
-    match text
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|s| s.parse().ok())
-    {
-        Some(status) => Outcome::Status(status),
-        None => Outcome::ConnError(format!("no answer ({} bytes)", answer.len())),
-    }
-}
 
 /// `POST /collect` of a beacon for `sess`; the status (panics on a connection error).
 fn send(port: u16, sess: &str) -> u16 {

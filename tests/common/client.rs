@@ -385,3 +385,49 @@ pub fn post_chunked(port: u16, path: &str, chunks: &[&[u8]]) -> Response {
         .expect("sending the last chunk");
     conn.read_response()
 }
+
+/// The outcome of one request sent by [`try_post`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Status(u16),
+    /// The connection failed, was reset or closed without an answer (nginx restarting, a
+    /// worker killed with the request on it).
+    ConnError(String),
+}
+
+/// `POST <path>` of `body` on a fresh connection, without panicking on connection errors (for
+/// clients that keep sending while nginx or a worker is disrupted).
+pub fn try_post(port: u16, path: &str, body: &[u8]) -> Outcome {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => return Outcome::ConnError(format!("connect: {e}")),
+    };
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    if let Err(e) = stream.write_all(&req) {
+        return Outcome::ConnError(format!("write: {e}"));
+    }
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => {}
+        Err(e) if answer.is_empty() => return Outcome::ConnError(format!("read: {e}")),
+        Err(_) => {}
+    }
+    let text = String::from_utf8_lossy(&answer);
+    match text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|s| s.parse().ok())
+    {
+        Some(status) => Outcome::Status(status),
+        None => Outcome::ConnError(format!("no answer ({} bytes)", answer.len())),
+    }
+}

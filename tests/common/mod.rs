@@ -19,7 +19,9 @@ pub mod privacy;
 pub mod sink;
 pub mod webdriver;
 
-pub use client::{post, post_chunked, post_with_headers, request, Conn, Response};
+pub use client::{
+    post, post_chunked, post_with_headers, request, try_post, Conn, Outcome, Response,
+};
 pub use influx::Influx;
 pub use nginx::{
     module_path, nginx_binary, nginx_test_config, nginx_test_config_with, Nginx, NginxOptions,
