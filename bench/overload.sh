@@ -110,27 +110,6 @@ points() {
         | sed -n 's/.*"values":\[\[[^,]*,\([0-9]*\)\]\].*/\1/p'
 }
 
-# Every request carries a new sess_id: thread number and a per-thread counter.
-cat > "$run/beacon.lua" <<'LUA'
-local threads = 0
-function setup(thread)
-    threads = threads + 1
-    thread:set("id", threads)
-end
-function init(args)
-    n = 0
-    wrk.headers["Host"] = "www.example.com"
-    wrk.headers["Content-Type"] = "text/plain;charset=UTF-8"
-end
-function request()
-    n = n + 1
-    local body = '{"domain":"www.example.com","page":"/posts/blog/general/share-buttons.html",'
-        .. '"timezone":-60,"platform":"Linux x86_64","sess_id":"' .. id .. '-' .. n .. '",'
-        .. '"event":"socialclick","note":"mastodon"}'
-    return wrk.format("POST", nil, nil, body)
-end
-LUA
-
 write_location() {
     cat <<LOC
         location = $1 {
@@ -210,12 +189,12 @@ CONF
     [[ $worker =~ ^[0-9]+$ ]] || { echo "overload.sh: expected one nginx worker" >&2; return 1; }
 
     # Warm up connections and upstream keepalive (own database and sink, not counted).
-    wrk -t"$threads" -c32 -d2s -s "$run/beacon.lua" "http://127.0.0.1:$nginx_port/warmup" \
+    wrk -t"$threads" -c32 -d2s -s "$root/bench/beacon.lua" "http://127.0.0.1:$nginx_port/warmup" \
         >/dev/null
     sleep 1
 
     cpu0=$(cpu_us "$worker")
-    wrk -t"$threads" -c"$connections" -d"${duration}s" --timeout 60s -s "$run/beacon.lua" \
+    wrk -t"$threads" -c"$connections" -d"${duration}s" --timeout 60s -s "$root/bench/beacon.lua" \
         "http://127.0.0.1:$nginx_port/beacon" > "$dir/wrk.txt" &
     wrk_pid=$!
     sleep "$freeze_at"

@@ -119,35 +119,6 @@ $(for name in "${write_cases[@]}"; do write_case_locations "$name"; done)
 CONF
 start_nginx "$nginx_bin" "$run/nginx" "http://127.0.0.1:$nginx_port/floor"
 
-# Every request carries a new sess_id: thread number and a per-thread counter.
-cat > "$run/beacon.lua" <<'LUA'
-local threads = 0
-function setup(thread)
-    threads = threads + 1
-    thread:set("id", threads)
-end
-function init(args)
-    n = 0
-    wrk.headers["Host"] = "www.example.com"
-    wrk.headers["Content-Type"] = "text/plain;charset=UTF-8"
-end
-function request()
-    n = n + 1
-    local body = '{"domain":"www.example.com","page":"/posts/blog/general/share-buttons.html",'
-        .. '"timezone":-60,"platform":"Linux x86_64","sess_id":"' .. id .. '-' .. n .. '",'
-        .. '"event":"socialclick","note":"mastodon"}'
-    return wrk.format("POST", nil, nil, body)
-end
-LUA
-
-# wrk's latency figure in ms ("812.00us", "1.23ms", "1.01s").
-to_ms() {
-    awk -v v="$1" 'BEGIN {
-        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.2f", v / 1000 }
-        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.2f", v }
-        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.2f", v * 1000 }
-        else { print v } }'
-}
 
 nginx_workers() { pgrep -P "$(cat "$run/nginx/logs/nginx.pid")"; }
 # CPU time (utime + stime, in clock ticks) of the given pids, from /proc/<pid>/stat.
@@ -186,7 +157,7 @@ run_wrk() {
     local workers_now t0 t1 n0 n1 i0 i1 b0 b1
     read -r -a workers_now <<<"$(nginx_workers | tr '\n' ' ')"
     n0=$(cpu_ticks "${workers_now[@]}") i0=$(cpu_ticks "$influxd_pid") b0=$(busy_ticks) t0=$(now)
-    { time wrk -t"$threads" -c"$conns" -d"${duration}s" --latency -s "$run/beacon.lua" \
+    { time wrk -t"$threads" -c"$conns" -d"${duration}s" --latency -s "$root/bench/beacon.lua" \
         "http://127.0.0.1:$nginx_port$path" >"$out" ; } 2>"$times"
     t1=$(now) n1=$(cpu_ticks "${workers_now[@]}") i1=$(cpu_ticks "$influxd_pid") b1=$(busy_ticks)
     local secs total non2xx
@@ -240,7 +211,7 @@ points() {
 }
 
 # Warm up connections, upstream keepalive and InfluxDB (its own database, not counted).
-wrk -t"$threads" -c32 -d3s -s "$run/beacon.lua" "http://127.0.0.1:$nginx_port/warmup" >/dev/null
+wrk -t"$threads" -c32 -d3s -s "$root/bench/beacon.lua" "http://127.0.0.1:$nginx_port/warmup" >/dev/null
 sleep 1
 rss_start=$(rss_kib $(nginx_workers))
 

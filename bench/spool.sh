@@ -124,35 +124,6 @@ CONF
 start_nginx "$nginx_bin" "$run/nginx" "http://127.0.0.1:$nginx_port/ping"
 nginx_pid=${pids[-1]}
 
-# Every request carries a new sess_id: thread number and a per-thread counter.
-cat > "$run/beacon.lua" <<'LUA'
-local threads = 0
-function setup(thread)
-    threads = threads + 1
-    thread:set("id", threads)
-end
-function init(args)
-    n = 0
-    wrk.headers["Host"] = "www.example.com"
-    wrk.headers["Content-Type"] = "text/plain;charset=UTF-8"
-end
-function request()
-    n = n + 1
-    local body = '{"domain":"www.example.com","page":"/posts/blog/general/share-buttons.html",'
-        .. '"timezone":-60,"platform":"Linux x86_64","sess_id":"' .. id .. '-' .. n .. '",'
-        .. '"event":"socialclick","note":"mastodon"}'
-    return wrk.format("POST", nil, nil, body)
-end
-LUA
-
-# wrk's latency figure in ms ("812.00us", "1.23ms", "1.01s").
-to_ms() {
-    awk -v v="$1" 'BEGIN {
-        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.2f", v / 1000 }
-        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.2f", v }
-        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.2f", v * 1000 }
-        else { print v } }'
-}
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 points() {
@@ -167,7 +138,7 @@ declare -A rate p50 p99 acked errors
 # run_wrk KEY LOCATION
 run_wrk() {
     local key=$1 out=$run/wrk-$1.out total non2xx
-    wrk -t"$threads" -c"$conns" -d"${duration}s" --latency -s "$run/beacon.lua" \
+    wrk -t"$threads" -c"$conns" -d"${duration}s" --latency -s "$root/bench/beacon.lua" \
         "http://127.0.0.1:$nginx_port/$2" >"$out"
     rate[$key]=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$out")
     p50[$key]=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
@@ -193,7 +164,7 @@ wait_drained() {
 }
 
 # Warm up connections, upstream keepalive and InfluxDB (own database, not counted).
-wrk -t"$threads" -c"$conns" -d2s -s "$run/beacon.lua" "http://127.0.0.1:$nginx_port/warmup" \
+wrk -t"$threads" -c"$conns" -d2s -s "$root/bench/beacon.lua" "http://127.0.0.1:$nginx_port/warmup" \
     >/dev/null
 sleep 1
 
@@ -226,7 +197,7 @@ influx_down
 t0=$(now)
 # wrk runs until the spool holds the lines (checked every 0.5 s), then is interrupted (it
 # prints its figures on SIGINT); bounded by fill_limit.
-wrk -t"$threads" -c"$conns" -d"${fill_limit}s" -s "$run/beacon.lua" \
+wrk -t"$threads" -c"$conns" -d"${fill_limit}s" -s "$root/bench/beacon.lua" \
     "http://127.0.0.1:$nginx_port/fill" >"$run/wrk-fill.out" &
 wrk_pid=$!
 while kill -0 "$wrk_pid" 2>/dev/null && (( $(spool_lines fill) < drain_lines )); do

@@ -1,4 +1,4 @@
-# Shell helpers shared by scripts/demo.sh and bench/run.sh (source it; needs `root` set to the
+# Shell helpers shared by scripts/demo.sh and the benchmarks (source it; needs `root` set to the
 # repository root). Starts processes on loopback only and records their pids in `pids`.
 
 pids=()
@@ -91,4 +91,13 @@ free_port() {
     done
     echo "no free loopback port found" >&2
     return 1
+}
+
+# wrk's latency figure in ms ("812.00us", "1.23ms", "1.01s").
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.2f", v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.2f", v }
+        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.2f", v * 1000 }
+        else { print v } }'
 }
