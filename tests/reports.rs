@@ -31,7 +31,7 @@ use common::{
 };
 use known_answers::{
     assert_json_eq, data_set, now_ms, rows_csv, rows_json, write_data_set, Expected,
-    ExpectedRollups, Hit, DAY, DB, DOMAIN, HOUR, KEYED_TABLES, OTHER,
+    ExpectedRollups, GroupKey, Hit, DAY, DB, DOMAIN, HOUR, KEYED_TABLES, OTHER,
 };
 
 /// nginx with a report location (and a second one limited to DOMAIN) querying through
@@ -112,23 +112,7 @@ fn every_report_matches_the_known_answers() {
                 &expected.timeseries(from, to),
                 &args("timeseries"),
             );
-            for (name, key) in KEYED_TABLES {
-                let rows = expected.table(key, 10);
-                assert_json_eq(&report(port, &args(name)), &rows_json(&rows), &args(name));
-                let all = expected.table(key, 1000);
-                assert_json_eq(
-                    &report(port, &format!("{}&limit=1000", args(name))),
-                    &rows_json(&all),
-                    &args(name),
-                );
-                let csv = get(
-                    port,
-                    &format!("/analytics/report?{}&format=csv", args(name)),
-                );
-                assert_eq!(csv.status, 200);
-                assert_eq!(csv.header("content-type"), Some("text/csv; charset=utf-8"));
-                assert_eq!(csv.body_text(), rows_csv(&rows), "{}", args(name));
-            }
+            assert_tables(port, &args, &|key, limit| expected.table(key, limit));
             assert_json_eq(
                 &report(port, &args("events")),
                 &expected.events(),
@@ -200,6 +184,32 @@ fn backfill_rollups(influx: &Influx, from_ms: i64, to_ms: i64) -> usize {
     all.len()
 }
 
+/// Every keyed table report (`pages`, `referrers`, ...) against `table(key, limit)`: the top 10
+/// and `limit=1000` as JSON, and the top 10 as CSV.
+fn assert_tables(
+    port: u16,
+    args: &dyn Fn(&str) -> String,
+    table: &dyn Fn(GroupKey, usize) -> Vec<(String, usize, usize)>,
+) {
+    for (name, key) in KEYED_TABLES {
+        let rows = table(key, 10);
+        assert_json_eq(&report(port, &args(name)), &rows_json(&rows), &args(name));
+        let all = table(key, 1000);
+        assert_json_eq(
+            &report(port, &format!("{}&limit=1000", args(name))),
+            &rows_json(&all),
+            &args(name),
+        );
+        let csv = get(
+            port,
+            &format!("/analytics/report?{}&format=csv", args(name)),
+        );
+        assert_eq!(csv.status, 200);
+        assert_eq!(csv.header("content-type"), Some("text/csv; charset=utf-8"));
+        assert_eq!(csv.body_text(), rows_csv(&rows), "{}", args(name));
+    }
+}
+
 /// Compares every report of `[from, to)` (more than two days, no `page=`) with what the daily
 /// rollups give for the whole UTC days it touches.
 fn assert_rollup_answers(port: u16, hits: &[Hit], from: i64, to: i64, range: &str) {
@@ -215,22 +225,7 @@ fn assert_rollup_answers(port: u16, hits: &[Hit], from: i64, to: i64, range: &st
         &expected.timeseries(),
         &args("timeseries"),
     );
-    for (name, key) in KEYED_TABLES {
-        let rows = expected.table(key, 10);
-        assert_json_eq(&report(port, &args(name)), &rows_json(&rows), &args(name));
-        let all = expected.table(key, 1000);
-        assert_json_eq(
-            &report(port, &format!("{}&limit=1000", args(name))),
-            &rows_json(&all),
-            &args(name),
-        );
-        let csv = get(
-            port,
-            &format!("/analytics/report?{}&format=csv", args(name)),
-        );
-        assert_eq!(csv.status, 200);
-        assert_eq!(csv.body_text(), rows_csv(&rows), "{}", args(name));
-    }
+    assert_tables(port, &args, &|key, limit| expected.table(key, limit));
     assert_json_eq(
         &report(port, &args("events")),
         &expected.events(),
