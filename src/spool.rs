@@ -289,6 +289,14 @@ pub unsafe fn settle_identities(
     }
 }
 
+/// The spool directories of `sinks`, each once.
+fn spool_dirs(sinks: &[SpoolSink]) -> Vec<&str> {
+    let mut dirs: Vec<&str> = sinks.iter().map(|s| s.conf.dir.as_str()).collect();
+    dirs.sort_unstable();
+    dirs.dedup();
+    dirs
+}
+
 /// Configuration check (`postconfiguration`): every spool directory exists (it is created
 /// here when missing and, when nginx runs as root, given to the worker user as nginx does with
 /// its temp paths) and the worker user can create files in it (checked as that user), so that
@@ -298,9 +306,7 @@ pub unsafe fn settle_identities(
 /// # Safety
 /// `cf` must be the configuration context nginx passes to `postconfiguration`.
 pub unsafe fn check_directories(cf: *mut ngx_conf_t, sinks: &[SpoolSink]) -> Result<(), String> {
-    let mut dirs: Vec<&str> = sinks.iter().map(|s| s.conf.dir.as_str()).collect();
-    dirs.sort_unstable();
-    dirs.dedup();
+    let dirs = spool_dirs(sinks);
     if dirs.is_empty() {
         return Ok(());
     }
@@ -462,7 +468,6 @@ struct Spool {
     limits: BatchLimits,
     identity: String,
     id: u64,
-    conf_ctx: *mut ngx_http_conf_ctx_t,
     /// The worker's own file, created when the first line is spooled.
     own: Option<SpoolFile>,
     /// Files of workers that are gone, oldest first.
@@ -518,6 +523,16 @@ fn cycle_log() -> *mut ngx_log_t {
     unsafe { (*ngx_cycle).log }
 }
 
+/// Logs a line in the cycle's error log: a spool's work belongs to no request.
+macro_rules! cycle_log_error {
+    ($level:expr, $($arg:tt)+) => {
+        // SAFETY: in a worker, the cycle's log is valid (or NULL, then nothing is logged).
+        if let Some(log) = unsafe { cycle_log().as_mut() } {
+            ngx_log_error!($level, log, $($arg)+);
+        }
+    };
+}
+
 /// The index of this worker's spool for a sink (`server`, `uri`, spooling into `dir`), created
 /// on first use from the configuration's registry; `None` when the sink has no spool.
 pub fn spool_for(server: usize, uri: &str, dir: &str) -> Option<usize> {
@@ -556,7 +571,6 @@ fn add_spool(cycle: usize, sink: &SpoolSink) -> usize {
             limits: sink.limits,
             identity: sink.identity.clone(),
             id: sink_id(&sink.identity),
-            conf_ctx: sink.conf_ctx,
             own: None,
             adopted: VecDeque::new(),
             others_bytes: 0,
@@ -582,7 +596,7 @@ fn add_spool(cycle: usize, sink: &SpoolSink) -> usize {
         event.log = cycle_log();
         // The retry timer must not hold up a worker's graceful exit.
         event.set_cancelable(1);
-        spool.fake.init(spool.conf_ctx);
+        spool.fake.init(sink.conf_ctx);
     });
     index
 }
@@ -737,9 +751,7 @@ pub fn init_process(cycle: &ngx_cycle_t) {
 /// Logs spool files that belong to no sink of this configuration (its server block's name or
 /// the write URI changed while lines were spooled): they are left alone, and the admin told.
 fn log_orphans(sinks: &[SpoolSink]) {
-    let mut dirs: Vec<&str> = sinks.iter().map(|s| s.conf.dir.as_str()).collect();
-    dirs.sort_unstable();
-    dirs.dedup();
+    let dirs = spool_dirs(sinks);
     for dir in dirs {
         let ids: Vec<u64> = sinks
             .iter()
@@ -754,17 +766,13 @@ fn log_orphans(sinks: &[SpoolSink]) {
             if !orphan || size == 0 {
                 continue;
             }
-            // SAFETY: the cycle's log.
-            if let Some(log) = unsafe { cycle_log().as_mut() } {
-                ngx_log_error!(
-                    NGX_LOG_WARN,
-                    log,
-                    "analytics: spool file \"{dir}/{name}\" ({}) belongs to no server block of \
-                     this configuration (its server_name, or listen when it has no name, or its \
-                     write URI changed); it is left in place",
-                    human_size(size)
-                );
-            }
+            cycle_log_error!(
+                NGX_LOG_WARN,
+                "analytics: spool file \"{dir}/{name}\" ({}) belongs to no server block of \
+                 this configuration (its server_name, or listen when it has no name, or its \
+                 write URI changed); it is left in place",
+                human_size(size)
+            );
         }
     }
 }
@@ -846,10 +854,6 @@ impl Spool {
             + self.others_bytes
     }
 
-    fn log(&self) -> *mut ngx_log_t {
-        cycle_log()
-    }
-
     fn append(&mut self, lines: &[&[u8]], why: Append) -> Result<(), NotSpooled> {
         let mut entries = Vec::with_capacity(lines.iter().map(|l| l.len() + ENTRY_OVERHEAD).sum());
         let mut unspoolable = false;
@@ -908,19 +912,15 @@ impl Spool {
         if !self.filling {
             self.filling = true;
             self.replayed_lines = 0;
-            // SAFETY: the cycle's log.
-            if let Some(log) = unsafe { self.log().as_mut() } {
-                ngx_log_error!(
-                    NGX_LOG_WARN,
-                    log,
-                    "analytics: spool for \"{}\" started filling in \"{}\": lines are kept on \
-                     disk and written again every {} ms ({})",
-                    self.uri,
-                    self.conf.dir,
-                    self.conf.retry_ms,
-                    self.identity
-                );
-            }
+            cycle_log_error!(
+                NGX_LOG_WARN,
+                "analytics: spool for \"{}\" started filling in \"{}\": lines are kept on \
+                 disk and written again every {} ms ({})",
+                self.uri,
+                self.conf.dir,
+                self.conf.retry_ms,
+                self.identity
+            );
         }
         Ok(())
     }
@@ -953,16 +953,12 @@ impl Spool {
         self.refusal_logged_at = now_ms();
         let points = std::mem::take(&mut self.refused_points);
         let reason = std::mem::take(&mut self.refusal_reason);
-        // SAFETY: the cycle's log.
-        if let Some(log) = unsafe { self.log().as_mut() } {
-            ngx_log_error!(
-                NGX_LOG_ERR,
-                log,
-                "analytics: spool for \"{}\" in \"{}\" {reason}, {points} point(s) not stored",
-                self.uri,
-                self.conf.dir
-            );
-        }
+        cycle_log_error!(
+            NGX_LOG_ERR,
+            "analytics: spool for \"{}\" in \"{}\" {reason}, {points} point(s) not stored",
+            self.uri,
+            self.conf.dir
+        );
     }
 
     /// Under steady traffic the worker's own file may never be drained to the last byte; once
@@ -1077,17 +1073,13 @@ impl Spool {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            // SAFETY: the cycle's log.
-            if let Some(log) = unsafe { self.log().as_mut() } {
-                ngx_log_error!(
-                    NGX_LOG_NOTICE,
-                    log,
-                    "analytics: spool for \"{}\" adopted \"{path}\" ({}) left by a worker that \
-                     is gone",
-                    self.uri,
-                    human_size(size)
-                );
-            }
+            cycle_log_error!(
+                NGX_LOG_NOTICE,
+                "analytics: spool for \"{}\" adopted \"{path}\" ({}) left by a worker that \
+                 is gone",
+                self.uri,
+                human_size(size)
+            );
             if !self.filling {
                 self.filling = true;
                 self.replayed_lines = 0;
@@ -1144,16 +1136,12 @@ impl Spool {
             if !chunk.skipped_at.is_empty() {
                 if file.skipped == 0 {
                     let at = file.read_at + chunk.skipped_at[0] as u64;
-                    // SAFETY: the cycle's log.
-                    if let Some(log) = unsafe { cycle_log().as_mut() } {
-                        ngx_log_error!(
-                            NGX_LOG_ERR,
-                            log,
-                            "analytics: spool file \"{}\" has a torn or corrupt entry at byte \
-                             {at}, skipped (further ones in this file are skipped silently)",
-                            file.path
-                        );
-                    }
+                    cycle_log_error!(
+                        NGX_LOG_ERR,
+                        "analytics: spool file \"{}\" has a torn or corrupt entry at byte \
+                         {at}, skipped (further ones in this file are skipped silently)",
+                        file.path
+                    );
                 }
                 file.skipped += chunk.skipped_at.len();
             }
@@ -1174,15 +1162,11 @@ impl Spool {
         self.dirty = false;
         let Some(own) = self.own.as_mut() else { return };
         if let Err(e) = own.file.sync_data() {
-            // SAFETY: the cycle's log.
-            if let Some(log) = unsafe { cycle_log().as_mut() } {
-                ngx_log_error!(
-                    NGX_LOG_ERR,
-                    log,
-                    "analytics: spool file \"{}\" could not be flushed to disk: {e}",
-                    own.path
-                );
-            }
+            cycle_log_error!(
+                NGX_LOG_ERR,
+                "analytics: spool file \"{}\" could not be flushed to disk: {e}",
+                own.path
+            );
         }
     }
 
@@ -1209,29 +1193,21 @@ impl Spool {
         }
         if self.filling && self.backlog() == 0 {
             self.filling = false;
-            // SAFETY: the cycle's log.
-            if let Some(log) = unsafe { self.log().as_mut() } {
-                ngx_log_error!(
-                    NGX_LOG_NOTICE,
-                    log,
-                    "analytics: spool for \"{}\" drained: {} line(s) written again",
-                    self.uri,
-                    self.replayed_lines
-                );
-            }
+            cycle_log_error!(
+                NGX_LOG_NOTICE,
+                "analytics: spool for \"{}\" drained: {} line(s) written again",
+                self.uri,
+                self.replayed_lines
+            );
         }
     }
 }
 
 fn log_file_error(path: &str, e: &std::io::Error) {
-    // SAFETY: the cycle's log.
-    if let Some(log) = unsafe { cycle_log().as_mut() } {
-        ngx_log_error!(
-            NGX_LOG_ERR,
-            log,
-            "analytics: spool file \"{path}\" could not be read: {e}; the rest of it is skipped"
-        );
-    }
+    cycle_log_error!(
+        NGX_LOG_ERR,
+        "analytics: spool file \"{path}\" could not be read: {e}; the rest of it is skipped"
+    );
 }
 
 /// The spool's event: the retry timer (looks at the directory, logs the backlog, flushes
@@ -1270,18 +1246,14 @@ fn retry_tick(index: usize) {
                 true => "a write is on its way",
                 false => "writing again",
             };
-            // SAFETY: the cycle's log.
-            if let Some(log) = unsafe { spool.log().as_mut() } {
-                ngx_log_error!(
-                    NGX_LOG_WARN,
-                    log,
-                    "analytics: spool for \"{}\" in \"{}\": {} waiting in {files} file(s), \
-                     {doing}",
-                    spool.uri,
-                    spool.conf.dir,
-                    human_size(backlog)
-                );
-            }
+            cycle_log_error!(
+                NGX_LOG_WARN,
+                "analytics: spool for \"{}\" in \"{}\": {} waiting in {files} file(s), \
+                 {doing}",
+                spool.uri,
+                spool.conf.dir,
+                human_size(backlog)
+            );
         }
         // Always again: a worker that is going away (a reload, a crash) may leave lines at any
         // time. The timer is cancelable, so it never holds up a graceful exit.
@@ -1336,14 +1308,7 @@ fn replay_next(index: usize) {
             unsafe { ngx_http_run_posted_requests(c) };
         }
         Err(why) => {
-            // SAFETY: the cycle's log.
-            if let Some(log) = unsafe { cycle_log().as_mut() } {
-                ngx_log_error!(
-                    NGX_LOG_ERR,
-                    log,
-                    "analytics: spool replay not started: {why}"
-                );
-            }
+            cycle_log_error!(NGX_LOG_ERR, "analytics: spool replay not started: {why}");
             arm_timer(index);
         }
     }
@@ -1536,17 +1501,13 @@ fn take_outcome(index: usize, replay: &Replay, status: usize, unknown: bool, mes
         }
         _ if !unknown && !worth_retrying(status) => {
             advance(spool);
-            // SAFETY: the cycle's log.
-            if let Some(log) = unsafe { cycle_log().as_mut() } {
-                ngx_log_error!(
-                    NGX_LOG_ERR,
-                    log,
-                    "analytics: spool replay to \"{}\" failed: sink answered {status}: {message}, \
-                     {} point(s) not stored",
-                    spool.uri,
-                    replay.lines
-                );
-            }
+            cycle_log_error!(
+                NGX_LOG_ERR,
+                "analytics: spool replay to \"{}\" failed: sink answered {status}: {message}, \
+                 {} point(s) not stored",
+                spool.uri,
+                replay.lines
+            );
             true
         }
         _ => false,
@@ -1590,17 +1551,13 @@ pub fn exit_process() {
             let Some(own) = spool.own.as_ref() else {
                 continue;
             };
-            // SAFETY: the cycle's log.
-            if let Some(log) = unsafe { cycle_log().as_mut() } {
-                ngx_log_error!(
-                    NGX_LOG_NOTICE,
-                    log,
-                    "analytics: spool for \"{}\": {} left in \"{}\" for the next worker",
-                    spool.uri,
-                    human_size(own.unread()),
-                    own.path
-                );
-            }
+            cycle_log_error!(
+                NGX_LOG_NOTICE,
+                "analytics: spool for \"{}\": {} left in \"{}\" for the next worker",
+                spool.uri,
+                human_size(own.unread()),
+                own.path
+            );
         }
     });
 }
