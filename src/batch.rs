@@ -756,17 +756,14 @@ fn record_answer(
             .map_or(0.0, |t| t.elapsed().as_secs_f64());
         counters.count_write(outcome == ChunkOutcome::Stored, chunk.len(), seconds);
     }
-    match (outcome, spool) {
-        (_, Some(_)) if spooled => {
-            batch.plan.record_spooled(chunk.clone());
-            batch.plan.record(chunk, ChunkOutcome::Failed);
-        }
-        (ChunkOutcome::Stored, Some(spool)) => {
-            spool::write_succeeded(spool);
-            batch.plan.record(chunk, outcome);
-        }
-        _ => batch.plan.record(chunk, outcome),
+    if let (ChunkOutcome::Stored, Some(spool)) = (outcome, spool) {
+        spool::write_succeeded(spool);
     }
+    if spooled {
+        // A failed write whose lines are on disk, to be written again.
+        batch.plan.record_spooled(chunk.clone());
+    }
+    batch.plan.record(chunk, outcome);
 }
 
 fn log_failed_chunk(log: *mut ngx_log_t, uri: &str, points: usize, detail: &str) {
